@@ -1,0 +1,24 @@
+# Two entry points: `make demo` (set up, then train the CPU demo on 2 local ranks) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# On CPU machines the exact CPU torch wheel is pinned for pip and its isolated build environments, so no
+# dependency can pull a CUDA build. GPU users install into their own environment instead (see README).
+PIP_ENV = PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
+
+.PHONY: setup demo test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_ENV) $(VENV)/bin/pip install --quiet --upgrade pip
+	$(PIP_ENV) $(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lsys train configs/demo.yaml --nproc 2
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/python -m pytest -q
