@@ -1,0 +1,406 @@
+"""Triton block attention (FlashAttention-2 style) that returns its log-sum-exp, and the backward that takes it.
+
+Forward tiles queries (BLOCK_M) against keys (BLOCK_N) with an online softmax in fp32. Backward is three
+kernels: delta = rowsum(dout * out), then one kernel per key block accumulating dk, dv, and one per query block
+accumulating dq. Keeping dq in its own kernel costs a second pass over the scores but needs no atomics, so
+gradients are deterministic run to run.
+
+The backward never recomputes the normaliser: probabilities are exp(s - lse) with the lse it is given, which in
+ring attention is the GLOBAL lse over all key blocks. Causal masking is top-left aligned (query i sees keys
+0..i); blocks entirely above the diagonal are skipped and only blocks crossing it (or the key tail) pay for a
+mask.
+
+Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors. The interpreter's
+`tl.dot` is wrong for 16-bit operands, so interpreted launches upcast tiles to fp32 before every dot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    return tl.dot(a.to(tl.float32), b.to(tl.float32)) if UPCAST else tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(base, rows, stride_s, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    # [len(rows), BLOCK_D] tile of a [S, D] slice; padded rows and head-dim columns read as zero.
+    ptrs = base + rows[:, None].to(tl.int64) * stride_s + offs_d[None, :]
+    mask = offs_d[None, :] < HEAD_DIM
+    if CHECK_ROWS:
+        mask = mask & (rows[:, None] < n_rows)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seq_k, CAUSAL: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] mask of (query, key) pairs that exist and are allowed to attend.
+    mask = offs_n[None, :] < seq_k
+    if CAUSAL:
+        mask = mask & (offs_m[:, None] >= offs_n[None, :])
+    return mask
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale, lo, hi,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, MASKED)
+        v = _load_rows(v_base, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, MASKED)
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # log2 units
+        if MASKED:
+            s = tl.where(_visible(offs_m, offs_n, seq_k, CAUSAL), s, float("-inf"))
+        # m_new is finite from the first block on: with top-left causal masking every row sees key 0, which
+        # lies in the first block processed, so exp2(-inf - m_new) = 0 needs no NaN guard.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                num_heads, seq_q, seq_k, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Key blocks wholly below the diagonal and inside seq_k need no mask; the rest (diagonal, tail) do.
+    if CAUSAL:
+        full_end = (tl.minimum(start_m, seq_k) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(start_m + BLOCK_M, seq_k)
+    else:
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+        end = seq_k
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k,
+                              qk_scale, 0, full_end, HEAD_DIM, BLOCK_N, CAUSAL, False, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k,
+                              qk_scale, full_end, end, HEAD_DIM, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
+
+    # Rows that saw no key: out = 0 and lse = -inf, so an LSE merge gives them zero weight.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    row_ok = offs_m < seq_q
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(Out, DOut, Delta, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                      num_heads, seq_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + off_b * stride_ob + off_h * stride_oh, offs_m, stride_os, seq_q, offs_d, HEAD_DIM, True)
+    do = _load_rows(DOut + off_b * stride_db + off_h * stride_dh, offs_m, stride_ds, seq_q, offs_d, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, offs_m, seq_q):
+    # lse in log2 units. Padded rows and rows with lse = -inf (no visible key) get +inf, so exp2(s - lse) = 0.
+    row_ok = offs_m < seq_q
+    lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qs, stride_ds, Lse, Delta, offs_n, offs_d, seq_q, seq_k,
+               qk_scale, lo, hi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+               MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
+        do = _load_rows(do_base, offs_m, stride_ds, seq_q, offs_d, HEAD_DIM, True)
+        lse, delta = _load_row_stats(Lse, Delta, offs_m, seq_q)
+        # Transposed scores [BLOCK_N, BLOCK_M] so dk, dv accumulate without transposing p.
+        p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(tl.trans(_visible(offs_m, offs_n, seq_k, CAUSAL)), p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+        dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     num_heads, seq_q, seq_k, sm_scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, True)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, True)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DOut + off_b * stride_db + off_h * stride_dh
+    lse_row = Lse + pid_bh.to(tl.int64) * seq_q
+    delta_row = Delta + pid_bh.to(tl.int64) * seq_q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Causal: queries before start_n never see this key block; query blocks crossing the diagonal need the
+    # mask; later ones see every key. Padded keys need no mask here because their rows are never stored.
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, seq_q)
+        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qs, stride_ds, lse_row, delta_row, offs_n,
+                            offs_d, seq_q, seq_k, qk_scale, lo, diag_end, HEAD_DIM, BLOCK_M, CAUSAL, True, UPCAST,
+                            PRECISION)
+    else:
+        diag_end = 0
+    dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qs, stride_ds, lse_row, delta_row, offs_n, offs_d,
+                        seq_q, seq_k, qk_scale, diag_end, seq_q, HEAD_DIM, BLOCK_M, CAUSAL, False, UPCAST,
+                        PRECISION)
+
+    store_mask = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_n[:, None].to(tl.int64)
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + rows * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + rows * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale, lo, hi,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, MASKED)
+        v = _load_rows(v_base, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, MASKED)
+        p = tl.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m, offs_n, seq_k, CAUSAL), p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+                   stride_dqb, stride_dqs, stride_dqh,
+                   num_heads, seq_q, seq_k, sm_scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
+    do = _load_rows(DOut + off_b * stride_db + off_h * stride_dh, offs_m, stride_ds, seq_q, offs_d, HEAD_DIM, True)
+    lse, delta = _load_row_stats(Lse + pid_bh.to(tl.int64) * seq_q, Delta + pid_bh.to(tl.int64) * seq_q, offs_m,
+                                 seq_q)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Same block split as the forward: unmasked below the diagonal, masked across it and on the key tail.
+    if CAUSAL:
+        full_end = (tl.minimum(start_m, seq_k) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(start_m + BLOCK_M, seq_k)
+    else:
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+        end = seq_k
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale, 0,
+                  full_end, HEAD_DIM, BLOCK_N, CAUSAL, False, UPCAST, PRECISION)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale,
+                  full_end, end, HEAD_DIM, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
+
+    dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs
+               + offs_d[None, :])
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+def _interpreted() -> bool:
+    # triton.jit picks interpreter or compiler when this module is imported; the kernel's type records which.
+    return not isinstance(_fwd_kernel, JITFunction)
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[float, dict]:
+    """Validate inputs; return the softmax scale and the launch options shared by all kernels."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"triton attention expects q [B, Sq, H, D] and k, v [B, Sk, H, D]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"triton attention takes float16, bfloat16 or float32 inputs of one dtype; got q {q.dtype}, "
+            f"k {k.dtype}, v {v.dtype} (use backend='reference' for float64)"
+        )
+    head_dim = q.shape[3]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention supports head_dim <= {MAX_HEAD_DIM}; got head_dim={head_dim}")
+    interpreted = _interpreted()
+    if not q.is_cuda and not interpreted:
+        raise ValueError(
+            f"triton attention got {q.device} tensors: it needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "kernels.triton_attention is imported (CPU interpreter, small shapes only)"
+        )
+    options = {
+        "HEAD_DIM": head_dim,
+        # Narrow heads are padded (by masked loads) to a power of two that tl.dot accepts.
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "UPCAST": interpreted,
+        # fp32 inputs get full fp32 products; TF32 would silently cost three decimal digits.
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+    return (1.0 / math.sqrt(head_dim) if scale is None else scale), options
+
+
+def _last_dim_contiguous(*tensors: Tensor) -> list[Tensor]:
+    # Kernels take batch, sequence and head strides but assume unit stride along D.
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch_config(head_dim: int, block_m: int | None, block_n: int | None, default: tuple[int, int]) -> dict:
+    block_m, block_n = block_m or default[0], block_n or default[1]
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value}: must be a power of two >= 16")
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4 if head_dim <= 64 else 8}
+
+
+def triton_attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """q: [B, Sq, H, D]; k, v: [B, Sk, H, D] -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq] float32.
+
+    Rows that see no key get out = 0 and lse = -inf. block_m / block_n override the tile sizes.
+    """
+    scale, options = _prepare(q, k, v, scale)
+    q, k, v = _last_dim_contiguous(q, k, v)
+    batch, seq_q, heads, _ = q.shape
+    seq_k = k.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    config = _launch_config(q.shape[3], block_m, block_n, (128, 64))
+    grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, num_stages=3, **options, **config,
+    )
+    return out, lse
+
+
+def triton_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] (the global one in a ring) -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D].
+
+    Gradients come back in the input dtypes; all accumulation is fp32.
+    """
+    scale, options = _prepare(q, k, v, scale)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
+        raise ValueError(
+            f"triton attention backward expects dout, out like q {tuple(q.shape)} and lse [B, H, Sq]; got dout "
+            f"{tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}"
+        )
+    dout, out, q, k, v = _last_dim_contiguous(dout, out, q, k, v)
+    batch, seq_q, heads, _ = q.shape
+    seq_k = k.shape[1]
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    lse = lse.to(torch.float32).contiguous()
+    delta = torch.empty_like(lse)
+    config = _launch_config(q.shape[3], block_m, block_n, (64, 64))
+    block_d = options["BLOCK_D"]
+    _bwd_delta_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
+        out, dout, delta, *_strides(out), *_strides(dout), heads, seq_q,
+        HEAD_DIM=options["HEAD_DIM"], BLOCK_M=config["BLOCK_M"], BLOCK_D=block_d,
+    )
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    _bwd_dkdv_kernel[(triton.cdiv(seq_k, config["BLOCK_N"]), batch * heads)](
+        q, k, v, dout, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **options, **config,
+    )
+    _bwd_dq_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
+        q, k, v, dout, lse, delta, dq, *common, *_strides(dq),
+        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **options, **config,
+    )
+    return dq, dk, dv

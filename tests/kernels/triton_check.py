@@ -1,0 +1,135 @@
+"""Triton attention checks, run as `python -m tests.kernels.triton_check GROUP... [--device cpu|cuda]`.
+
+A separate process because triton fixes interpreter-or-compiler when the kernel module is imported: on CPU the
+caller sets TRITON_INTERPRET=1 in this process's environment. Exits non-zero (with the assertion) on mismatch.
+Shapes are tiny and deliberately not multiples of the 16-wide test blocks, so every tail path runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from functools import partial
+
+import torch
+
+from kernels import attention_backward, attention_forward
+from kernels.triton_attention import triton_attention_backward, triton_attention_forward
+from tests.kernels.cases import check_block, check_split, make_inputs, reference
+
+DTYPES = (torch.float32, torch.bfloat16)
+# (causal, seq_q, seq_k)
+SHAPES = [(True, 40, 40), (False, 40, 40), (False, 24, 40), (False, 40, 17), (True, 24, 40), (True, 40, 17)]
+
+
+def _kernels(block_m: int | None, block_n: int | None):
+    return (
+        partial(triton_attention_forward, block_m=block_m, block_n=block_n),
+        partial(triton_attention_backward, block_m=block_m, block_n=block_n),
+    )
+
+
+def check_blocks(device: str, blocks: tuple[int | None, int | None]) -> None:
+    forward, backward = _kernels(*blocks)
+    for dtype in DTYPES:
+        for causal, seq_q, seq_k in SHAPES:
+            inputs = (t.to(device) for t in make_inputs(1, seq_q, seq_k, 2, 16, dtype))
+            check_block(forward, backward, *inputs, causal=causal)
+    # Unequal tiles move the causal diagonal off block boundaries in both kernels' loop splits.
+    for block_m, block_n in ((32, 16), (16, 32)):
+        forward, backward = _kernels(block_m, block_n)
+        for causal, seq_q, seq_k in SHAPES[:2] + SHAPES[-2:]:
+            inputs = (t.to(device) for t in make_inputs(1, seq_q, seq_k, 2, 16, torch.float32, seed=3))
+            check_block(forward, backward, *inputs, causal=causal)
+
+
+def check_splits(device: str, blocks: tuple[int | None, int | None]) -> None:
+    forward, backward = _kernels(*blocks)
+    for dtype in DTYPES:
+        for causal in (False, True):
+            inputs = (t.to(device) for t in make_inputs(1, 40, 40, 2, 16, dtype, seed=1))
+            check_split(forward, backward, *inputs, causal=causal, split=24)
+
+
+def _strided_inputs(device: str) -> tuple[torch.Tensor, ...]:
+    # q from a packed qkv projection, k with a non-unit stride along D, dout with heads outermost in memory.
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 21, 3, 2, 16, generator=gen).to(device)
+    k = torch.randn(2, 21, 2, 32, generator=gen).to(device)[..., ::2]
+    dout = torch.randn(2, 2, 21, 16, generator=gen).to(device).transpose(1, 2)
+    return qkv[:, :, 0], k, qkv[:, :, 2], dout
+
+
+def check_edges(device: str, blocks: tuple[int | None, int | None]) -> None:
+    forward, backward = _kernels(*blocks)
+    # Head dims that are not powers of two, or below tl.dot's minimum, are padded by masked loads.
+    for head_dim in (8, 24):
+        inputs = (t.to(device) for t in make_inputs(1, 20, 20, 2, head_dim, torch.float32, seed=5))
+        check_block(forward, backward, *inputs, causal=True)
+    for causal in (False, True):
+        check_block(forward, backward, *_strided_inputs(device), causal=causal)
+
+    # No keys at all: every row is empty and must come out as out = 0, lse = -inf, never NaN.
+    q, k, v, dout = (t.to(device) for t in make_inputs(1, 20, 0, 2, 16, torch.float32))
+    out, lse = forward(q, k, v, causal=False)
+    assert torch.equal(out, torch.zeros_like(q)), "empty rows: out must be 0"
+    assert torch.equal(lse, torch.full_like(lse, float("-inf"))), "empty rows: lse must be -inf"
+    dq, dk, dv = backward(dout, q, k, v, out, lse, causal=False)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
+
+    # A row whose given lse is -inf saw no key anywhere: it must contribute nothing to any gradient.
+    q, k, v, dout = (t.to(device) for t in make_inputs(1, 24, 20, 2, 16, torch.float32, seed=6))
+    out, lse, *_ = reference(q, k, v, dout, causal=False)
+    out, lse = out.float(), lse.float()
+    lse[:, :, :5] = float("-inf")
+    dq, dk, dv = backward(dout, q, k, v, out, lse, causal=False)
+    _, _, ref_dq, ref_dk, ref_dv = reference(q[:, 5:], k, v, dout[:, 5:], causal=False)
+    torch.testing.assert_close(dq[:, :5], torch.zeros_like(dq[:, :5]), rtol=0, atol=0)
+    for grad, ref in ((dq[:, 5:], ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-5)
+
+    # The dispatcher reaches these kernels by name, and the explicit scale is honoured.
+    q, k, v, dout = (t.to(device) for t in make_inputs(1, 20, 20, 2, 16, torch.float32, seed=7))
+    out, lse = attention_forward(q, k, v, causal=True, scale=0.3, backend="triton")
+    grads = attention_backward(dout, q, k, v, out, lse, causal=True, scale=0.3, backend="triton")
+    ref_out, ref_lse = attention_forward(q, k, v, causal=True, scale=0.3, backend="reference")
+    ref_grads = attention_backward(dout, q, k, v, ref_out, ref_lse, causal=True, scale=0.3, backend="reference")
+    for actual, expected in zip((out, lse, *grads), (ref_out, ref_lse, *ref_grads), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+    q, k, v, _ = (t.to(device) for t in make_inputs(1, 8, 8, 2, 16, torch.float32))
+    for bad_call, message in (
+        (lambda: forward(q.double(), k.double(), v.double(), causal=True), "float64"),
+        (lambda: forward(q, k.half(), v, causal=True), "one dtype"),
+        (lambda: forward(*(torch.zeros(1, 8, 2, 160, device=device) for _ in range(3)), causal=True), "head_dim"),
+        (lambda: triton_attention_forward(q, k, v, causal=True, block_m=24), "block_m=24"),
+    ):
+        try:
+            bad_call()
+        except ValueError as err:
+            assert message in str(err), f"expected {message!r} in: {err}"
+        else:
+            raise AssertionError(f"no ValueError mentioning {message!r}")
+
+
+GROUPS = {"block": check_blocks, "split": check_splits, "edge": check_edges}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="+", choices=sorted(GROUPS))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args(argv)
+    # The interpreter is slow, so CPU runs use the smallest tiles; on a GPU also try the default ones.
+    tilings = [(16, 16)] if args.device == "cpu" else [(16, 16), (None, None)]
+    for name in args.groups:
+        for blocks in tilings:
+            start = time.perf_counter()
+            GROUPS[name](args.device, blocks)
+            print(f"{name} blocks={blocks} on {args.device}: ok in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
