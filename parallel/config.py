@@ -1,0 +1,62 @@
+"""Configuration owned by the parallelism layer. Plain dataclasses: lsys embeds them in its OmegaConf schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CP_LAYOUTS = ("zigzag", "contiguous")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees; their product must equal the world size.
+
+    dp: data-parallel degree, -1 to take whatever the other degrees leave of the world size.
+    cp_ring / cp_ulysses: context-parallel degrees (ring attention, Ulysses all-to-all; both: 2-D hybrid).
+    tp: tensor-parallel degree.
+    cp_layout: how the sequence is split over ring ranks: "zigzag" balances causal work, "contiguous" does not.
+    """
+
+    dp: int = -1
+    cp_ring: int = 1
+    cp_ulysses: int = 1
+    tp: int = 1
+    cp_layout: str = "zigzag"
+
+    @property
+    def cp(self) -> int:
+        return self.cp_ring * self.cp_ulysses
+
+    @property
+    def seq_chunks(self) -> int:
+        """Sequence lengths must be multiples of this: zigzag cuts the ring axis into 2 x cp_ring chunks, and
+        each ring shard is cut again over the Ulysses ranks."""
+        return self.cp * (2 if self.cp_layout == "zigzag" and self.cp_ring > 1 else 1)
+
+    def resolved_dp(self, world_size: int) -> int:
+        """The data-parallel degree for `world_size`, raising ValueError when the degrees cannot tile it."""
+        model_ranks = self.cp * self.tp
+        if self.dp == -1:
+            if world_size % model_ranks:
+                raise ValueError(
+                    f"parallel: world size {world_size} is not divisible by cp_ring*cp_ulysses*tp={model_ranks}; "
+                    "change the number of ranks or the degrees"
+                )
+            return world_size // model_ranks
+        if self.dp * model_ranks != world_size:
+            raise ValueError(
+                f"parallel.dp={self.dp} x cp_ring={self.cp_ring} x cp_ulysses={self.cp_ulysses} x tp={self.tp} "
+                f"= {self.dp * model_ranks} ranks, but the world size is {world_size}; set parallel.dp=-1 "
+                "or make the product equal the number of ranks"
+            )
+        return self.dp
+
+    def validate(self) -> None:
+        for key in ("cp_ring", "cp_ulysses", "tp"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ValueError(f"parallel.{key}={value}: degrees are at least 1")
+        if self.dp == 0 or self.dp < -1:
+            raise ValueError(f"parallel.dp={self.dp}: use a positive degree, or -1 to fill the world size")
+        if self.cp_layout not in CP_LAYOUTS:
+            raise ValueError(f"parallel.cp_layout={self.cp_layout!r}: choose one of {', '.join(CP_LAYOUTS)}")
