@@ -1,0 +1,132 @@
+"""The `lsys` command line. The only place (with launch/local.py) that reads argv or the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+CONFIG_HELP = (
+    "CONFIG is a YAML file (see configs/); each OVERRIDE is key=value with a dotted key, e.g. "
+    "train.steps=200 data.seq_len=1024 parallel.cp_ring=2. Unknown keys and bad values are rejected "
+    "before any rank starts."
+)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train in the foreground on local ranks (gloo on CPU, NCCL on GPU)",
+        description="Train a model on N local ranks. " + CONFIG_HELP,
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/demo.yaml")
+    p.add_argument("overrides", metavar="OVERRIDE", nargs="*", help="key=value config overrides")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="number of local ranks to start (default 1). Under torchrun or another launcher that "
+                        "sets WORLD_SIZE, leave it at 1: this process is then one rank of that job")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill all ranks if the run takes longer than this (default: no limit)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare-data",
+        help="tokenize text into a Megatron indexed dataset (.bin/.idx) for data.task=text",
+        description="Tokenize plain text (.txt: documents separated by blank lines) or JSON lines (.jsonl: one "
+                    "document per line in its 'text' field) into OUT.bin / OUT.idx with megatron-core's builder, "
+                    "plus OUT.json with the tokenizer and byte counts. Train on it with "
+                    "data.task=text data.text.path=OUT.",
+    )
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="one or more .txt or .jsonl files")
+    p.add_argument("output", metavar="OUT", help="output prefix (writes OUT.bin, OUT.idx, OUT.json)")
+    p.add_argument("--tokenizer", metavar="TOKENIZER_JSON", default=None,
+                   help="a local HuggingFace tokenizer.json (default: byte-level, 256 bytes + end-of-document)")
+    p.add_argument("--no-eod", action="store_true", help="do not append an end-of-document token to each document")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsys",
+        description="lsys: distributed long-sequence training for transformers (context parallelism, "
+                    "memory savers, Ray jobs).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_prepare_data(sub)
+    return parser
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from launch.local import RankFailedError, spawn
+    from lsys.config import load_config, save_config, to_dict, to_yaml, validate_for_world
+    from lsys.trainer import train, train_from_dict
+
+    launched_elsewhere = "WORLD_SIZE" in os.environ
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.nproc < 1:
+            raise ValueError(f"--nproc={args.nproc}: start at least one rank")
+        if launched_elsewhere and args.nproc != 1:
+            raise ValueError(f"--nproc={args.nproc} but WORLD_SIZE is already set by a launcher; drop --nproc")
+        validate_for_world(cfg, int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc)
+    except ValueError as exc:
+        return _invalid(console, exc)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    save_config(cfg, cfg.train.run_dir)
+    if launched_elsewhere or args.nproc == 1:
+        summary = train(cfg)
+    else:
+        try:
+            summary = spawn(train_from_dict, args.nproc, (to_dict(cfg),), timeout_s=args.timeout)[0]
+        except RankFailedError as exc:
+            console.print(f"[bold red]lsys: rank {exc.rank} failed; all ranks stopped.[/]")
+            print(exc.detail, file=sys.stderr, end="")
+            return 1
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        Path(cfg.train.run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+        for record in summary["evals"][-1:]:
+            console.print("final eval: " + json.dumps(record))
+    return 0
+
+
+def _prepare_data(args: argparse.Namespace, console: Console) -> int:
+    from lsys.data import prepare_text_dataset
+
+    try:
+        stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod)
+    except (ValueError, FileNotFoundError) as exc:
+        return _invalid(console, exc)
+    console.print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _invalid(console: Console, exc: Exception) -> int:
+    console.print(f"[bold red]lsys: invalid input:[/] {exc}", highlight=False)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may follow options (`lsys train cfg.yaml --nproc 2 train.steps=5`); argparse alone would
+    # only take them before the first option.
+    args, extra = parser.parse_known_args(argv)
+    late_overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in late_overrides]
+    if unknown or (late_overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or late_overrides)}")
+    if late_overrides:
+        args.overrides = [*args.overrides, *late_overrides]
+    console = Console(stderr=True)
+    handlers = {"train": _train, "prepare-data": _prepare_data}
+    return handlers[args.command](args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""lsys: distributed long-sequence training for transformers."""

@@ -1,0 +1,256 @@
+"""The run configuration: OmegaConf structured configs over dataclasses, YAML presets, key=value overrides,
+and validation that names the key, the value and the fix before any process starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from parallel.config import ParallelConfig
+
+DTYPES = ("float32", "bfloat16", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+TASKS = ("passkey", "mqar", "text")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer: RMSNorm, RoPE on global positions, SwiGLU, grouped-query attention."""
+
+    vocab_size: int = 0  # 0: the task's vocabulary size
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    ffn_hidden_size: int = 0  # 0: 8/3 * hidden rounded up to a multiple of 64 (Llama's rule)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+
+@dataclass
+class PasskeyConfig:
+    key_len: int = 4
+    key_vocab: int = 10
+    filler_vocab: int = 16
+
+
+@dataclass
+class MqarConfig:
+    num_pairs: int = 8
+    num_queries: int = 8
+
+
+@dataclass
+class TextConfig:
+    path: str = ""  # prefix of a Megatron indexed dataset (PATH.bin / PATH.idx), made by `lsys prepare-data`
+    split: str = "98,2,0"
+    cache_dir: str = ""  # "" : beside the dataset
+
+
+@dataclass
+class CurriculumConfig:
+    """Sequence-length warmup, as in DeepSpeed's curriculum learning: training starts at `start_len` tokens
+    and the length grows geometrically to data.seq_len over `steps` steps. Retrieval tasks learn far faster
+    this way: at full length the one relevant token starts with 1/seq_len of the attention. Evaluation always
+    uses the full length."""
+
+    start_len: int = 0  # 0: no warmup, always data.seq_len
+    steps: int = 0
+
+
+@dataclass
+class DataConfig:
+    task: str = "passkey"
+    seq_len: int = 256
+    seed: int = 1234
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    mqar: MqarConfig = field(default_factory=MqarConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0: the whole local batch at once
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 0  # model initialisation
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    device: str = "auto"  # auto: cuda when available
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_samples: int = 64
+    exit_at_step: int = 0  # stop cleanly (after a checkpoint) at this step, to resume later; 0: run to the end
+    collective_timeout_s: float = 300.0
+    run_dir: str = "runs/default"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end of the run
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+
+
+@dataclass
+class LsysConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _config_error(exc: OmegaConfBaseException, source: str) -> ValueError:
+    key = getattr(exc, "full_key", None) or "?"
+    message = str(exc).splitlines()[0]
+    if "not in" in message or "Key" in message and "not" in message:
+        fix = "remove it or check the spelling against `lsys train --help` and docs/configuration.md"
+    else:
+        fix = "give a value of the declared type"
+    return ValueError(f"{source}: bad config key {key!r}: {message}; {fix}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LsysConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides; typed, unknown keys rejected, then validated."""
+    schema = OmegaConf.structured(LsysConfig)
+    try:
+        merged = schema
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/demo.yaml")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not key=value; write it as e.g. train.steps=100")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        cfg: LsysConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc, str(path) if path else "overrides") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> LsysConfig:
+    """Rebuild a typed config from `to_dict` output (how ranks receive it)."""
+    merged = OmegaConf.merge(OmegaConf.structured(LsysConfig), OmegaConf.create(values))
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: LsysConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: LsysConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: LsysConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config as run_dir/config.yaml (atomically)."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def _require(condition: bool, key: str, value: Any, fix: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}={value!r}: {fix}")
+
+
+def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
+    """Check every value and their combinations; `world_size` adds the checks that need it."""
+    m, d, t, c, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.parallel
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be a positive integer")
+    _require(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "use 0 (the task's vocabulary) or a positive size")
+    _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "use 0 (automatic) or a positive size")
+    _require(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+             f"must be divisible by model.num_heads={m.num_heads}")
+    head_dim = m.hidden_size // m.num_heads
+    _require(head_dim % 2 == 0, "model.hidden_size", m.hidden_size,
+             f"head dimension hidden_size/num_heads={head_dim} must be even for RoPE")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+             f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+    _require(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+
+    _require(d.task in TASKS, "data.task", d.task, f"choose one of {', '.join(TASKS)}")
+    _require(d.seq_len >= 8, "data.seq_len", d.seq_len, "must be at least 8")
+    if d.curriculum.start_len:
+        _require(8 <= d.curriculum.start_len <= d.seq_len, "data.curriculum.start_len", d.curriculum.start_len,
+                 f"use 0 (off) or a length in [8, data.seq_len={d.seq_len}]")
+        _require(d.curriculum.steps > 0, "data.curriculum.steps", d.curriculum.steps,
+                 "give the number of steps over which the length grows to data.seq_len")
+    _require(d.curriculum.steps >= 0, "data.curriculum.steps", d.curriculum.steps, "must be non-negative")
+    _require(d.task != "text" or bool(d.text.path), "data.text.path", d.text.path,
+             "set it to a dataset prefix made by `lsys prepare-data INPUT OUT`")
+
+    _require(t.steps > 0, "train.steps", t.steps, "must be positive")
+    _require(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "must be positive")
+    _require(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size, "use 0 or a positive size")
+    _require(t.lr > 0, "train.lr", t.lr, "must be positive")
+    _require(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"must lie in [0, train.lr={t.lr}]")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be non-negative")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be non-negative")
+    for key in ("beta1", "beta2"):
+        _require(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "must lie in [0, 1)")
+    _require(t.eps > 0, "train.eps", t.eps, "must be positive")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "use 0 (off) or a positive norm")
+    _require(t.param_dtype in DTYPES, "train.param_dtype", t.param_dtype, f"choose one of {', '.join(DTYPES)}")
+    _require(t.compute_dtype in DTYPES, "train.compute_dtype", t.compute_dtype, f"choose one of {', '.join(DTYPES)}")
+    _require(t.compute_dtype == t.param_dtype or (t.param_dtype, t.compute_dtype) == ("float32", "bfloat16"),
+             "train.compute_dtype", t.compute_dtype,
+             f"with train.param_dtype={t.param_dtype!r} compute in the same dtype; mixed precision is "
+             "param_dtype=float32 with compute_dtype=bfloat16")
+    _require(t.device in DEVICES, "train.device", t.device, f"choose one of {', '.join(DEVICES)}")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (only at the end) or a positive interval")
+    _require(t.eval_samples >= 0, "train.eval_samples", t.eval_samples, "must be non-negative")
+    _require(0 <= t.exit_at_step <= t.steps, "train.exit_at_step", t.exit_at_step,
+             f"use 0 (run to the end) or a step in [1, train.steps={t.steps}]")
+    _require(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "must be positive")
+    _require(bool(t.run_dir), "train.run_dir", t.run_dir, "set a directory for metrics and checkpoints")
+
+    _require(c.every >= 0, "checkpoint.every", c.every, "use 0 (only at the end) or a positive interval")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "keep at least one checkpoint")
+
+    p.validate()
+    _require(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not available yet; use parallel.tp=1")
+    chunks = p.seq_chunks
+    _require(d.seq_len % chunks == 0, "data.seq_len", d.seq_len,
+             f"must be divisible by {chunks} (cp_ring={p.cp_ring} x cp_ulysses={p.cp_ulysses}"
+             f"{' x 2 zigzag chunks' if chunks > p.cp else ''}); pick a multiple of {chunks}")
+    _require(m.num_heads % p.cp_ulysses == 0, "parallel.cp_ulysses", p.cp_ulysses,
+             f"must divide model.num_heads={m.num_heads}: Ulysses gives each rank whole heads")
+    if world_size is not None:
+        validate_for_world(cfg, world_size)
+
+
+def validate_for_world(cfg: LsysConfig, world_size: int) -> None:
+    """Checks that depend on the number of ranks: degrees tile the world, batches split evenly."""
+    t = cfg.train
+    dp = cfg.parallel.resolved_dp(world_size)
+    _require(t.global_batch_size % dp == 0, "train.global_batch_size", t.global_batch_size,
+             f"must be divisible by the data-parallel degree {dp}")
+    local = t.global_batch_size // dp
+    if t.micro_batch_size:
+        _require(local % t.micro_batch_size == 0, "train.micro_batch_size", t.micro_batch_size,
+                 f"must divide the per-rank batch {local} (global_batch_size / dp)")

@@ -1,0 +1,199 @@
+"""What every task shares: the batch layout, summable evaluation totals, per-sample random generators and the
+`Task` protocol the trainer programs against."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+SPLITS = ("train", "valid")
+METRICS = ("loss", "passkey_accuracy", "recall_accuracy", "bits_per_byte")
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class Batch:
+    """A batch of next-token-prediction sequences, all `[B, S]` on one device.
+
+    `labels[b, i]` is the target for position `i` (the token at `i + 1`); `loss_mask[b, i]` says whether that
+    target is trained and evaluated. `positions` are global positions `0..S-1`, so they stay correct after the
+    sequence dimension is sharded for context parallelism (RoPE needs them).
+    """
+
+    tokens: torch.Tensor  # [B, S] int64
+    labels: torch.Tensor  # [B, S] int64
+    loss_mask: torch.Tensor  # [B, S] bool
+    positions: torch.Tensor  # [B, S] int64
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass
+class EvalTotals:
+    """Evaluation sums that add up across batches and ranks (all-reduce `to_tensor()`, then `from_tensor`).
+
+    Counts are floats so that one float64 vector carries them all. A "sequence" is a row with at least one
+    masked target; it is correct when every masked target in it is predicted right.
+    """
+
+    loss_sum: float = 0.0  # cross-entropy in nats, summed over masked targets
+    tokens: float = 0.0  # masked targets
+    correct_tokens: float = 0.0
+    sequences: float = 0.0
+    correct_sequences: float = 0.0
+    bytes: float = 0.0  # UTF-8 bytes the masked targets stand for (text tasks only)
+
+    def to_tensor(self) -> torch.Tensor:
+        # -> [6] float64, in field order
+        return torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> EvalTotals:
+        # values: [6] float64, as made by to_tensor (any device)
+        items = values.detach().to("cpu", torch.float64).tolist()
+        if len(items) != len(fields(cls)):
+            raise ValueError(f"EvalTotals.from_tensor: expected {len(fields(cls))} values, got {len(items)}")
+        return cls(*items)
+
+    def __add__(self, other: EvalTotals) -> EvalTotals:
+        return EvalTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per masked target, in nats."""
+        return self.metric("loss")
+
+    def metric(self, name: str) -> float:
+        """`loss` (nats per target), `passkey_accuracy` (share of sequences with every target right),
+        `recall_accuracy` (share of targets right) or `bits_per_byte` (loss_sum / ln 2 / bytes).
+
+        NaN when the denominator is zero, e.g. bits_per_byte of a task that has no bytes.
+        """
+        numerator, denominator = {
+            "loss": (self.loss_sum, self.tokens),
+            "passkey_accuracy": (self.correct_sequences, self.sequences),
+            "recall_accuracy": (self.correct_tokens, self.tokens),
+            "bits_per_byte": (self.loss_sum / math.log(2.0), self.bytes),
+        }.get(name, (None, None))
+        if numerator is None:
+            raise ValueError(f"metric={name!r}: unknown metric; choose one of {', '.join(METRICS)}")
+        return numerator / denominator if denominator else math.nan
+
+
+def sample_seed(seed: int, split: str, index: int) -> int:
+    """A 64-bit seed that depends only on (seed, split, index), the same in every process and world size.
+
+    SplitMix64 finalisers chained over the three values: Python's `hash()` is salted per process, and a plain
+    `seed + index` would make neighbouring seeds share most of their samples.
+    """
+    state = 0
+    for value in (seed, SPLITS.index(split), index):
+        state = _splitmix64((state ^ value) & _MASK64)
+    return state
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_generator(seed: int, split: str, index: int) -> torch.Generator:
+    """A fresh CPU generator for one sample (see `sample_seed`)."""
+    return torch.Generator().manual_seed(sample_seed(seed, split, index))
+
+
+def next_token_labels(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    # tokens: [S] int64 -> labels: [S] int64, labels[i] = tokens[i + 1], the last one pad_id
+    labels = torch.roll(tokens, -1)
+    labels[-1] = pad_id
+    return labels
+
+
+def option_error(task: str, name: str, value: Any, fix: str) -> ValueError:
+    return ValueError(f"{task} option {name}={value!r}: {fix}")
+
+
+def check_int(task: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise option_error(task, name, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def take_options(task: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`defaults` updated with `options`; unknown names are an error (typos must not pass silently)."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"{task} option {unknown[0]!r} is unknown; valid options: {', '.join(defaults)}")
+    return {**defaults, **options}
+
+
+class Task(ABC):
+    """A next-token-prediction task of fixed sequence length.
+
+    `sample(index, split)` is a pure function of (task options, seed, split, index): the same in every call,
+    process and world size, so each data-parallel rank can draw its own share of a global batch by index and
+    a resumed run sees the same data. Splits are "train" and "valid"; the same index in the two splits never
+    gives the same sequence.
+    """
+
+    metric_name: str
+    vocab_size: int
+    bytes_per_token: float = 0.0  # UTF-8 bytes per token for bits per byte; 0 where bytes mean nothing
+
+    def __init__(self, seq_len: int, seed: int) -> None:
+        self.seq_len = seq_len
+        self.seed = seed
+
+    @abstractmethod
+    def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
+        """One sequence: `tokens` [S] int64, `labels` [S] int64 (next tokens), `loss_mask` [S] bool."""
+
+    def batch(self, indices: Sequence[int], split: str = "train") -> Batch:
+        """Samples `indices` of `split` stacked into a CPU `Batch` [len(indices), S]."""
+        samples = [self.sample(int(i), split) for i in indices]
+        if not samples:
+            raise ValueError("indices: empty; a batch needs at least one sample index")
+        stacked = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        positions = torch.arange(self.seq_len, dtype=torch.int64).expand(len(samples), -1).contiguous()
+        return Batch(positions=positions, **stacked)
+
+    def eval_totals(self, batch: Batch, predictions: torch.Tensor, token_losses: torch.Tensor) -> EvalTotals:
+        """Totals of one batch.
+
+        predictions: [B, S] int64, the model's argmax at each position; token_losses: [B, S] float, the
+        per-position cross-entropy in nats (any value, even NaN, where `loss_mask` is False).
+        """
+        shape = batch.labels.shape
+        for name, value in (("predictions", predictions), ("token_losses", token_losses)):
+            if value.shape != shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} differs from the batch's "
+                                 f"{tuple(shape)}")
+        mask = batch.loss_mask.to(predictions.device)
+        right = (predictions == batch.labels.to(predictions.device)) & mask
+        losses = token_losses.detach().to(torch.float64).masked_fill(~mask.to(token_losses.device), 0.0)
+        targets = mask.sum(dim=1)
+        has_targets = targets > 0
+        tokens = float(targets.sum())
+        return EvalTotals(
+            loss_sum=float(losses.sum()),
+            tokens=tokens,
+            correct_tokens=float(right.sum()),
+            sequences=float(has_targets.sum()),
+            correct_sequences=float((has_targets & (right.sum(dim=1) == targets)).sum()),
+            bytes=tokens * self.bytes_per_token,
+        )
+
+    def check_index(self, index: int, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+        if index < 0:
+            raise ValueError(f"index={index}: sample indices start at 0")

@@ -1,0 +1,85 @@
+"""Tokenizers for text datasets: UTF-8 bytes (no files, no training, exact bits per byte) or a local
+HuggingFace `tokenizer.json` read with the `tokenizers` package (no network)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+BYTE_EOD = 256
+BYTE_PAD = 257
+BYTE_VOCAB = 258
+
+# Names that mark the end of a document, most common first; the first one that is a special token wins.
+EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
+PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+# Megatron's own "no pad token" id: it never occurs in data, so no real token is ever masked as padding.
+NO_PAD = -1
+
+
+class ByteTokenizer:
+    """Ids 0..255 are the UTF-8 bytes, 256 ends a document, 257 pads; every token but EOD is one byte."""
+
+    kind = "byte"
+    path = None
+    vocab_size = BYTE_VOCAB
+    eod = BYTE_EOD
+    pad = BYTE_PAD
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizer.json` loaded with `tokenizers.Tokenizer.from_file`.
+
+    EOD is `eod_token` when given, else the first of `EOD_NAMES` that the file declares as a special token;
+    PAD likewise from `PAD_NAMES`, else -1 (Megatron's convention for "none"; samples never need padding
+    because Megatron drops the last partial sequence).
+    """
+
+    kind = "huggingface"
+
+    def __init__(self, path: str, eod_token: str | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        if not os.path.isfile(path):
+            raise ValueError(f"tokenizer={path!r}: no such file; give the path of a tokenizer.json, or None "
+                             "for the byte-level tokenizer")
+        self.path = os.path.abspath(path)
+        self._tokenizer = Tokenizer.from_file(self.path)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        special = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+        if eod_token is not None:
+            eod = self._tokenizer.token_to_id(eod_token)
+            if eod is None:
+                raise ValueError(f"eod_token={eod_token!r}: not in the vocabulary of {path}; name a token "
+                                 "it has")
+        else:
+            eod = next((special[name] for name in EOD_NAMES if name in special), None)
+            if eod is None:
+                raise ValueError(
+                    f"tokenizer={path!r}: no end-of-document token; add one of {', '.join(EOD_NAMES)} as a "
+                    f"special token, or pass eod_token= naming the token that ends a document "
+                    f"(special tokens found: {sorted(special) or 'none'})")
+        self.eod = eod
+        self.pad = next((special[name] for name in PAD_NAMES if name in special), NO_PAD)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | None, eod_token: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """The byte-level tokenizer for `path=None`, else the `tokenizer.json` at `path`."""
+    if path is None:
+        if eod_token is not None:
+            raise ValueError(f"eod_token={eod_token!r}: the byte-level tokenizer has a fixed EOD id "
+                             f"{BYTE_EOD}; drop eod_token or give a tokenizer.json")
+        return ByteTokenizer()
+    return HFTokenizer(path, eod_token)

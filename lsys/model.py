@@ -1,0 +1,162 @@
+"""The plain decoder-only transformer. It knows nothing of ranks: parallelism is applied afterwards by
+`parallel.parallelize`, which swaps each attention's `attn_fn` and wraps modules.
+
+Protocol the parallel layer relies on: `model.blocks` is a ModuleList of blocks, each with `.attn` whose
+`attn_fn(q, k, v, causal=...)` computes attention; positions are explicit global ids, so a rank holding a
+shard of the sequence rotates its queries and keys exactly as the full sequence would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.attention import attention as local_attention
+from lsys.config import ModelConfig
+
+AttnFn = Callable[..., Tensor]
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size:
+        return cfg.ffn_hidden_size
+    return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32: bf16 squares lose the small components that set the scale.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """positions: [B, S] global ids -> cos, sin: [B, S, 1, head_dim/2] in `dtype`.
+
+    Angles are formed in float64: at position 1e6 a float32 angle is off by ~0.06 rad, which would make
+    long-context positions alias.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    angles = positions.double()[..., None] / theta**exponents
+    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, S, H, D]; rotates (first half, second half) pairs, as Llama/NeoX do, in the tables' precision."""
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.attn_fn: AttnFn = local_attention
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # x: [B, S, hidden] -> [B, S, hidden]
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.attn_fn(q, k, v, causal=True)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden_size(cfg)
+        self.w_gate = nn.Linear(cfg.hidden_size, hidden, bias=False)
+        self.w_up = nn.Linear(cfg.hidden_size, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: resolve it (e.g. from the task) before building")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        # tokens, positions: [B, S] (S may be this rank's shard; positions are global) -> logits [B, S, V]
+        table_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
+        cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, table_dtype)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic initialisation from `seed` (identical on every rank, whatever the device).
+
+        Normal(0, init_std) everywhere, output projections scaled by 1/sqrt(2 * num_layers) (GPT-2) so the
+        residual stream does not grow with depth; norms start at one. Draws on CPU, then copies, so CPU and
+        GPU runs start from the same weights.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        std = self.cfg.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            scale = std / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
+            param.copy_(values)
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
+    """Build on the meta device (no memory for a multi-billion model yet), then materialise and initialise."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.to(dtype)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

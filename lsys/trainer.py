@@ -1,0 +1,273 @@
+"""The training loop. Every rank runs `train(cfg)`; the launcher only decides how ranks are started.
+
+Data: sample ids are a pure function of (step, position in the global batch), so any number of ranks
+sees the same global batch, and a resumed run sees exactly the batches it would have seen.
+Loss: per-token cross-entropy summed locally and divided by the GLOBAL number of trained tokens; replica
+gradients are summed. The result is the exact gradient of the global mean loss for any dp/cp split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from lsys.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
+from lsys.data import Batch, EvalTotals, Task, build_task
+from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes
+from lsys.model import build_model, count_parameters
+from lsys.session import Session, distributed_session
+from parallel.mesh import MeshInfo, build_mesh
+from parallel.parallelize import parallelize
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def learning_rate(cfg: LsysConfig, step: int) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at the last step (0-based `step`)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def sequence_length(cfg: LsysConfig, step: int, granularity: int) -> int:
+    """Training length at `step`: geometric growth from data.curriculum.start_len to data.seq_len, rounded
+    down to a multiple of `granularity` (what context-parallel sharding needs), never below it."""
+    c, full = cfg.data.curriculum, cfg.data.seq_len
+    if not c.start_len or step >= c.steps:
+        return full
+    length = c.start_len * (full / c.start_len) ** (step / c.steps)
+    return max(granularity, min(full, int(length) // granularity * granularity))
+
+
+def task_options(cfg: LsysConfig) -> dict[str, Any]:
+    section = getattr(cfg.data, cfg.data.task)
+    return {k: v for k, v in to_dict(cfg)["data"][cfg.data.task].items() if hasattr(section, k)}
+
+
+def shard_batch(batch: Batch, mesh: MeshInfo, layout: str) -> Batch:
+    """Keep this rank's part of every sequence ([B, S] -> [B, S/cp]); positions stay global for RoPE."""
+    if mesh.cp_size == 1:
+        return batch
+    from parallel.context import shard
+
+    def part(x: Tensor) -> Tensor:
+        return shard(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
+
+    return replace(batch, tokens=part(batch.tokens), labels=part(batch.labels),
+                   loss_mask=part(batch.loss_mask), positions=part(batch.positions))
+
+
+def gather_sequence(x: Tensor, mesh: MeshInfo, layout: str) -> Tensor:
+    """Inverse of shard_batch for per-token results ([B, S/cp] -> [B, S] on every CP rank)."""
+    if mesh.cp_size == 1:
+        return x
+    from parallel.context import gather
+
+    return gather(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
+
+
+class Trainer:
+    def __init__(self, cfg: LsysConfig, session: Session):
+        self.cfg = cfg
+        self.session = session
+        self.device = session.device
+        torch.manual_seed(cfg.train.seed)
+        self.mesh = build_mesh(cfg.parallel, self.device.type)
+        self.task = build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg))
+        vocab = cfg.model.vocab_size or self.task.vocab_size
+        if vocab < self.task.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab} is smaller than the task's vocabulary {self.task.vocab_size};"
+                             " raise it or use 0 for automatic")
+        self.model_cfg = replace(cfg.model, vocab_size=vocab)
+        self.model = build_model(self.model_cfg, self.device, DTYPES[cfg.train.param_dtype], cfg.train.seed)
+        self.wrapped = parallelize(self.model, cfg.parallel, self.mesh, self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
+        )
+        local_batch = cfg.train.global_batch_size // self.mesh.dp_size
+        self.local_batch = local_batch
+        self.micro_batch = cfg.train.micro_batch_size or local_batch
+        self.granularity = math.lcm(8, cfg.parallel.seq_chunks)
+        self.run_dir = Path(cfg.train.run_dir)
+        self._short_tasks: dict[int, Task] = {}
+        self.ckpt_root = checkpoint_root(self.run_dir)
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        t = self.cfg.train
+        if t.compute_dtype != t.param_dtype:
+            return torch.autocast(self.device.type, dtype=DTYPES[t.compute_dtype])
+        return contextlib.nullcontext()
+
+    def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        # -> per-token cross-entropy [B, S_local] fp32 and logits [B, S_local, V]
+        with self._autocast():
+            logits = model(batch.tokens.to(self.device), batch.positions.to(self.device))
+        losses = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.to(self.device).flatten(),
+                                 reduction="none").view(batch.labels.shape)
+        return losses, logits
+
+    def _train_batch(self, ids: list[int], length: int) -> Batch:
+        """Training sequences of `length` tokens: synthetic tasks are generated at that length; text is
+        truncated (exact for next-token prediction, and what DeepSpeed's length curriculum does)."""
+        if length == self.cfg.data.seq_len:
+            return self.task.batch(ids, split="train")
+        if self.cfg.data.task == "text":
+            full = self.task.batch(ids, split="train")
+            return Batch(full.tokens[:, :length], full.labels[:, :length], full.loss_mask[:, :length],
+                         full.positions[:, :length])
+        if length not in self._short_tasks:
+            self._short_tasks[length] = build_task(self.cfg.data.task, length, self.cfg.data.seed,
+                                                   **task_options(self.cfg))
+        return self._short_tasks[length].batch(ids, split="train")
+
+    def _micro_batches(self, step: int) -> list[Batch]:
+        first = step * self.cfg.train.global_batch_size + self.mesh.dp_rank * self.local_batch
+        ids = list(range(first, first + self.local_batch))
+        length = sequence_length(self.cfg, step, self.granularity)
+        batches = [self._train_batch(ids[i:i + self.micro_batch], length)
+                   for i in range(0, self.local_batch, self.micro_batch)]
+        return [shard_batch(b, self.mesh, self.cfg.parallel.cp_layout) for b in batches]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        micro_batches = self._micro_batches(step)
+        local_tokens = sum(b.loss_mask.sum() for b in micro_batches).to(torch.float64)
+        counts = local_tokens.reshape(1).to(self.device)
+        dist.all_reduce(counts, group=self.mesh.replica_group)
+        global_tokens = max(counts.item(), 1.0)  # a step with no trained token contributes zero, not NaN
+        lr = learning_rate(self.cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+            with sync:
+                losses, _ = self._token_losses(self.wrapped, batch)
+                masked = (losses * batch.loss_mask.to(self.device)).sum()
+                (masked / global_tokens).backward()
+            loss_sum += masked.detach().double()
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum, group=self.mesh.replica_group)
+        elapsed = time.perf_counter() - t0
+        length = micro_batches[0].tokens.shape[1] * self.mesh.cp_size
+        tokens = self.cfg.train.global_batch_size * length
+        return {"loss": loss_sum.item() / global_tokens, "lr": lr, "grad_norm": float(grad_norm),
+                "seq_len": length, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
+
+    # -- evaluation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metric of the task over train.eval_samples validation sequences, split over dp ranks."""
+        self.model.eval()
+        ids = list(range(self.mesh.dp_rank, self.cfg.train.eval_samples, self.mesh.dp_size))
+        totals = EvalTotals()
+        layout = self.cfg.parallel.cp_layout
+        for i in range(0, len(ids), self.micro_batch):
+            full = self.task.batch(ids[i:i + self.micro_batch], split="valid")
+            losses, logits = self._token_losses(self.model, shard_batch(full, self.mesh, layout))
+            predictions = gather_sequence(logits.argmax(-1), self.mesh, layout).cpu()
+            token_losses = gather_sequence(losses, self.mesh, layout).cpu()
+            totals = totals + self.task.eval_totals(full, predictions, token_losses)
+        summed = totals.to_tensor().to(self.device)
+        dist.all_reduce(summed, group=self.mesh.dp_group)
+        totals = EvalTotals.from_tensor(summed.cpu())
+        self.model.train()
+        return {"loss": totals.loss, self.task.metric_name: totals.metric(self.task.metric_name)}
+
+    # -- the run ----------------------------------------------------------------------------------------
+
+    def _peak_memory_per_rank(self) -> list[int]:
+        mine = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.int64, device=self.device)
+        every = [torch.zeros_like(mine) for _ in range(self.session.world_size)]
+        dist.all_gather(every, mine)
+        return [int(x.item()) for x in every]
+
+    def _save(self, step: int) -> None:
+        meta = {"world_size": self.session.world_size, "config": to_dict(self.cfg)}
+        save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self.cfg.checkpoint.keep_last, meta)
+
+    def _resume(self) -> int:
+        if not self.cfg.checkpoint.resume:
+            return 0
+        found = latest_checkpoint(self.ckpt_root)
+        if found is None:
+            return 0
+        return load_checkpoint(found[1], self.model, self.optimizer)
+
+    def run(self) -> dict[str, Any]:
+        cfg, main = self.cfg, self.session.is_main
+        start = self._resume()
+        end = cfg.train.exit_at_step or cfg.train.steps
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl") if main else None
+        view = ProgressView(main, cfg.train.steps, start)
+        if main:
+            save_config(cfg, self.run_dir)
+            resumed = f", resumed from step {start}" if start else ""
+            view.message(f"lsys: {count_parameters(self.model):,} parameters, {self.session.world_size} ranks "
+                         f"(dp={self.mesh.dp_size}, cp={self.mesh.cp_size}), {self.device.type}{resumed}")
+        losses, evals, started = [], [], time.perf_counter()
+        try:
+            for step in range(start, end):
+                record = self.train_step(step)
+                losses.append(record["loss"])
+                done = step + 1
+                logged = None
+                if done % cfg.train.log_every == 0 or done == end:
+                    record["peak_memory_bytes"] = self._peak_memory_per_rank()
+                    logged = {"step": done, **record}
+                    if writer:
+                        writer.write(logged)
+                view.step(done, logged)
+                if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
+                    result = {"step": done, "split": "valid", **self.evaluate()}
+                    evals.append(result)
+                    if writer:
+                        writer.write(result)
+                    view.message(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                                if isinstance(v, float)))
+                if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
+                    self._save(done)
+        finally:
+            view.close()
+            if writer:
+                writer.close()
+        wall = time.perf_counter() - started
+        return {"start_step": start, "end_step": end, "losses": losses, "evals": evals, "wall_time_s": wall,
+                "peak_memory_bytes": self._peak_memory_per_rank(), "run_dir": str(self.run_dir)}
+
+
+def train(cfg: LsysConfig) -> dict[str, Any]:
+    """Train on this rank (joining or creating the process group); returns the run summary."""
+    with distributed_session(cfg.train.device, cfg.train.collective_timeout_s) as session:
+        validate_for_world(cfg, session.world_size)
+        return Trainer(cfg, session).run()
+
+
+def train_from_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """Entry point for spawned ranks: configs travel as plain dicts."""
+    from lsys.config import config_from_dict
+
+    return train(config_from_dict(values))

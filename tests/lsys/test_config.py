@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lsys.config import LsysConfig, config_from_dict, load_config, save_config, to_dict, validate
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads_and_validates(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, LsysConfig)
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.steps=7", "model.num_kv_heads=1", "data.passkey.key_len=3"])
+    assert cfg.train.steps == 7 and cfg.model.num_kv_heads == 1 and cfg.data.passkey.key_len == 3
+
+
+def test_roundtrip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["train.steps=3", "parallel.cp_layout=contiguous"])
+    assert config_from_dict(to_dict(cfg)) == cfg
+    path = save_config(cfg, tmp_path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["train"]["steps"] == 3
+
+
+BAD = [
+    (["model.hidden_size=-8"], "model.hidden_size=-8"),
+    (["model.num_heads=3"], "divisible by model.num_heads=3"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads=3"),
+    (["model.hidden_size=12", "model.num_heads=4"], "must be even for RoPE"),
+    (["data.task=wiki"], "data.task='wiki': choose one of passkey, mqar, text"),
+    (["data.task=text"], "data.text.path"),
+    (["data.seq_len=4"], "data.seq_len=4"),
+    (["train.steps=0"], "train.steps=0"),
+    (["train.min_lr=1.0", "train.lr=0.1"], "train.min_lr=1.0"),
+    (["train.warmup_steps=-1"], "train.warmup_steps=-1"),
+    (["train.param_dtype=fp8"], "train.param_dtype='fp8'"),
+    (["train.compute_dtype=float32", "train.param_dtype=bfloat16"], "train.compute_dtype='float32'"),
+    (["train.device=tpu"], "train.device='tpu'"),
+    (["train.beta2=1.0"], "train.beta2=1.0"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last=0"),
+    (["train.exit_at_step=500", "train.steps=100"], "train.exit_at_step=500"),
+    (["parallel.cp_layout=striped"], "parallel.cp_layout='striped'"),
+    (["parallel.cp_ring=0"], "parallel.cp_ring=0"),
+    (["parallel.tp=2"], "parallel.tp=2"),
+    (["model.hidden_sise=64"], "'model.hidden_sise'"),
+    (["train.steps=many"], "'train.steps'"),
+    (["trainsteps"], "not key=value"),
+    (["parallel.cp_ring=2", "data.seq_len=30"], "data.seq_len=30: must be divisible by 4"),
+    (["parallel.cp_ulysses=3", "data.seq_len=300"], "parallel.cp_ulysses=3: must divide model.num_heads=4"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_rejected_with_key_value_and_fix(overrides, message):
+    with pytest.raises(ValueError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_key_in_yaml_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match="stepz"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallel.dp=3"], 2, "parallel.dp=3"),
+        (["train.global_batch_size=3"], 2, "divisible by the data-parallel degree 2"),
+        (["train.global_batch_size=8", "train.micro_batch_size=3"], 2, "must divide the per-rank batch 4"),
+    ],
+)
+def test_world_size_checks(overrides, world, message):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg, world_size=world)

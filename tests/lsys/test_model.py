@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from lsys.config import ModelConfig
+from lsys.model import Transformer, apply_rope, build_model, count_parameters, ffn_hidden_size, rope_tables
+
+
+def tiny(**overrides) -> ModelConfig:
+    values = {"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def test_shapes_and_parameter_count_with_gqa():
+    cfg = tiny()
+    model = build_model(cfg, torch.device("cpu"), torch.float32, seed=0)
+    tokens = torch.randint(0, 50, (3, 10))
+    logits = model(tokens, torch.arange(10).expand(3, 10))
+    assert logits.shape == (3, 10, 50)
+    head_dim, ffn = 8, ffn_hidden_size(cfg)
+    attn = 32 * 4 * head_dim + 2 * 32 * 2 * head_dim + 4 * head_dim * 32
+    per_block = attn + 3 * 32 * ffn + 2 * 32
+    assert count_parameters(model) == 2 * 50 * 32 + 2 * per_block + 32
+    assert model.blocks[0].attn.wk.weight.shape == (2 * head_dim, 32)
+
+
+def test_initialisation_is_deterministic_and_seeded():
+    a = build_model(tiny(), torch.device("cpu"), torch.float32, seed=3).state_dict()
+    b = build_model(tiny(), torch.device("cpu"), torch.float32, seed=3).state_dict()
+    c = build_model(tiny(), torch.device("cpu"), torch.float32, seed=4).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert not torch.equal(a["embed.weight"], c["embed.weight"])
+
+
+def test_causal_prefix_does_not_see_the_future():
+    model = build_model(tiny(), torch.device("cpu"), torch.float64, seed=0)
+    tokens = torch.randint(0, 50, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    full = model(tokens, positions)
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50
+    torch.testing.assert_close(model(changed, positions)[:, :8], full[:, :8])
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    gqa = build_model(tiny(num_kv_heads=2), torch.device("cpu"), torch.float64, seed=0)
+    mha = build_model(tiny(num_kv_heads=4), torch.device("cpu"), torch.float64, seed=0)
+    state = gqa.state_dict()
+    for i in range(2):
+        for name in ("wk", "wv"):
+            w = state[f"blocks.{i}.attn.{name}.weight"].view(2, 8, 32)
+            state[f"blocks.{i}.attn.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(32, 32)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 50, (2, 9))
+    positions = torch.arange(9).expand(2, 9)
+    torch.testing.assert_close(gqa(tokens, positions), mha(tokens, positions))
+
+
+def test_rope_depends_only_on_relative_position():
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+
+    def score(pq: int, pk: int) -> torch.Tensor:
+        cq, sq = rope_tables(torch.tensor([[pq]]), 16, 10000.0, torch.float64)
+        ck, sk = rope_tables(torch.tensor([[pk]]), 16, 10000.0, torch.float64)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(105, 102))
+
+
+def test_attn_fn_is_replaceable():
+    model = build_model(tiny(), torch.device("cpu"), torch.float32, seed=0)
+    calls = []
+
+    def spy(q, k, v, causal):
+        calls.append((q.shape, k.shape, causal))
+        return torch.zeros_like(q)
+
+    for block in model.blocks:
+        block.attn.attn_fn = spy
+    model(torch.randint(0, 50, (1, 6)), torch.arange(6)[None])
+    assert calls == [((1, 6, 4, 8), (1, 6, 2, 8), True)] * 2
+
+
+def test_meta_build_needs_a_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size"):
+        Transformer(tiny(vocab_size=0))
