@@ -7,11 +7,14 @@ OpenMP state (a plain fork after torch ran a parallel region can deadlock).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -61,6 +64,14 @@ def rank_environment(rank: int, world_size: int, port: int, threads_per_rank: in
     return env
 
 
+def _exit_with_launcher(lifeline: multiprocessing.connection.Connection) -> None:
+    """Block until the launcher's end of the lifeline closes (it exited, even by SIGKILL), then die too:
+    ranks are children of the forkserver, so nothing else would stop them."""
+    with contextlib.suppress(EOFError):
+        lifeline.recv()
+    os._exit(1)
+
+
 def _rank_main(
     fn: Callable[..., Any],
     args: Sequence[Any],
@@ -68,7 +79,9 @@ def _rank_main(
     result_dir: str,
     init_backend: str | None,
     collective_timeout_s: float,
+    lifeline: multiprocessing.connection.Connection,
 ) -> None:
+    threading.Thread(target=_exit_with_launcher, args=(lifeline,), daemon=True).start()
     os.environ.update(env)
     rank = int(env["RANK"])
     import torch
@@ -149,12 +162,14 @@ def spawn(
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
     threads = max(1, (os.cpu_count() or 1) // nproc)
     port = free_port()
+    # Only this process holds the sending end; when it exits for any reason every rank sees EOF and exits.
+    lifeline, lifeline_sender = ctx.Pipe(duplex=False)
     with tempfile.TemporaryDirectory(prefix="lsys-ranks-") as result_dir:
         processes = [
             ctx.Process(
                 target=_rank_main,
                 args=(fn, args, rank_environment(r, nproc, port, threads), result_dir, init_backend,
-                      collective_timeout_s),
+                      collective_timeout_s, lifeline),
                 name=f"lsys-rank{r}",
             )
             for r in range(nproc)
@@ -179,6 +194,9 @@ def spawn(
         except BaseException:
             _terminate(processes)
             raise
+        finally:
+            lifeline.close()
+            lifeline_sender.close()
         return [
             torch.load(Path(result_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc)
         ]

@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +55,36 @@ def test_rank_that_exits_without_traceback_is_named():
 def test_hung_ranks_are_killed_at_timeout():
     with pytest.raises(TimeoutError, match="still running"):
         spawn(_sleep_forever, 2, timeout_s=3)
+
+
+def _record_pid_then_sleep(pid_dir: str) -> None:
+    import time
+
+    Path(pid_dir, str(os.getpid())).touch()
+    time.sleep(1000)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
+    # A SIGKILLed launcher runs no cleanup; the ranks (children of the forkserver) must still go away.
+    script = f"from launch.local import spawn; from tests.test_launch_local import _record_pid_then_sleep as f; " \
+             f"spawn(f, 2, ({str(tmp_path)!r},))"
+    launcher = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.iterdir())) < 2:
+        assert time.monotonic() < deadline and launcher.poll() is None, "ranks did not start"
+        time.sleep(0.1)
+    pids = [int(p.name) for p in tmp_path.iterdir()]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), f"ranks {pids} outlived their launcher"
