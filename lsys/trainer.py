@@ -117,10 +117,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        # -> per-token cross-entropy [B, S_local] fp32 and logits [B, S_local, V]
+        # -> per-token cross-entropy [B, S_local] (at least fp32) and logits [B, S_local, V]
         with self._autocast():
             logits = model(batch.tokens.to(self.device), batch.positions.to(self.device))
-        losses = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.to(self.device).flatten(),
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
+        losses = F.cross_entropy(wide.flatten(0, 1), batch.labels.to(self.device).flatten(),
                                  reduction="none").view(batch.labels.shape)
         return losses, logits
 
