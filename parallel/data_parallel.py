@@ -25,7 +25,6 @@ def replicate(model: nn.Module, group: dist.ProcessGroup, device: torch.device) 
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=group,
-        broadcast_buffers=False,
     )
     ddp.register_comm_hook(group, _sum_allreduce_hook)
     return ddp
