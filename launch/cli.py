@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="lsys: distributed long-sequence training for transformers (context parallelism, "
                     "memory savers, Ray jobs).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; `lsys COMMAND --help` lists its options")
     _add_train(sub)
     _add_prepare_data(sub)
     return parser
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or late_overrides)}")
     if late_overrides:
         args.overrides = [*args.overrides, *late_overrides]
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # errors stay one greppable line
     handlers = {"train": _train, "prepare-data": _prepare_data}
     return handlers[args.command](args, console)
 

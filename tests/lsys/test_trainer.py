@@ -1,0 +1,135 @@
+"""The trainer end to end on gloo ranks: parallel layouts against one rank, exact resume, failures.
+
+Runs use float64 parameters and compute so that "equal" means equal up to summation order.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from launch.local import RankFailedError
+from lsys.config import LsysConfig, load_config, to_dict
+from lsys.session import distributed_session
+from lsys.trainer import Trainer, learning_rate, sequence_length, train_from_dict
+from tests.distributed import run_ranks
+
+
+def tiny_config(run_dir, *overrides: str) -> dict[str, Any]:
+    base = [
+        "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "data.task=passkey", "data.seq_len=32", "train.steps=3", "train.global_batch_size=4",
+        "train.param_dtype=float64", "train.compute_dtype=float64", "train.device=cpu", "train.log_every=1",
+        "train.eval_samples=8", "train.warmup_steps=1", f"train.run_dir={run_dir}",
+    ]
+    return to_dict(load_config(None, [*base, *overrides]))
+
+
+def _losses_and_grads(values: dict[str, Any]) -> dict[str, Any]:
+    """Every step's loss and the gradients the optimizer saw at every step (after clipping)."""
+    from lsys.config import config_from_dict
+
+    cfg = config_from_dict(values)
+    with distributed_session("cpu", 60.0) as session:
+        trainer = Trainer(cfg, session)
+        grads: list[list[torch.Tensor]] = []
+        params = list(trainer.model.parameters())
+        trainer.optimizer.register_step_pre_hook(
+            lambda *_: grads.append([p.grad.detach().clone() for p in params])
+        )
+        losses = [trainer.train_step(step)["loss"] for step in range(cfg.train.steps)]
+    return {"losses": losses, "grads": grads}
+
+
+def assert_same_training(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    torch.testing.assert_close(actual["losses"], expected["losses"], rtol=1e-10, atol=1e-12)
+    assert len(actual["grads"]) == len(expected["grads"])
+    for step, (got, want) in enumerate(zip(actual["grads"], expected["grads"], strict=True)):
+        for index, (g, w) in enumerate(zip(got, want, strict=True)):
+            # Relative to the tensor's scale: entries near zero are sums that cancel, so carry no own scale.
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10 * w.abs().max().item(),
+                                       msg=lambda m, s=step, i=index: f"step {s} param {i}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict[str, Any]:
+    """The single-process reference: 1 rank with the whole global batch."""
+    return run_ranks(_losses_and_grads, 1, tiny_config(tmp_path_factory.mktemp("ref")))[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ("parallel.dp=2",),
+    ("parallel.cp_ring=2", "parallel.cp_layout=zigzag"),
+    ("parallel.cp_ring=2", "parallel.cp_layout=contiguous"),
+    ("parallel.cp_ulysses=2",),
+], ids=["dp2", "ring2-zigzag", "ring2-contiguous", "ulysses2"])
+def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
+    results = run_ranks(_losses_and_grads, 2, tiny_config(tmp_path, *overrides))
+    for result in results:
+        assert_same_training(result, one_rank)
+
+
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path, one_rank):
+    result = run_ranks(_losses_and_grads, 1, tiny_config(tmp_path, "train.micro_batch_size=1"))[0]
+    assert_same_training(result, one_rank)
+
+
+def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
+    # float32: the default dtype, compared bit for bit.
+    common = ("train.steps=6", "train.param_dtype=float32", "train.compute_dtype=float32", "checkpoint.every=2")
+    straight = run_ranks(train_from_dict, 2, tiny_config(tmp_path / "straight", *common))[0]
+    stopped = run_ranks(train_from_dict, 2, tiny_config(tmp_path / "resumed", *common, "train.exit_at_step=3"))[0]
+    resumed = run_ranks(train_from_dict, 2, tiny_config(tmp_path / "resumed", *common))[0]
+    assert (stopped["start_step"], stopped["end_step"], resumed["start_step"]) == (0, 3, 3)
+    assert stopped["losses"] + resumed["losses"] == straight["losses"]
+    assert resumed["evals"] == straight["evals"]
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000006"]  # keep_last=2, no .tmp left behind
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000006" / "lsys_meta.json").read_text())
+    assert meta["step"] == 6 and meta["world_size"] == 2
+
+
+def test_resume_ignores_an_incomplete_checkpoint(tmp_path):
+    values = tiny_config(tmp_path, "train.steps=2")
+    run_ranks(train_from_dict, 1, values)
+    # A save killed mid-write leaves step_N.tmp: it must neither be loaded nor break the run.
+    (tmp_path / "checkpoints" / "step_00000009.tmp").mkdir()
+    values["train"]["steps"] = 4
+    summary = run_ranks(train_from_dict, 1, values)[0]
+    assert summary["start_step"] == 2 and summary["end_step"] == 4
+
+
+def _train_with_bad_vocab_on_rank_one(values: dict[str, Any]) -> Any:
+    if dist.get_rank() == 1:
+        values["model"]["vocab_size"] = 5
+    return train_from_dict(values)
+
+
+def test_one_failing_rank_ends_the_job_with_its_traceback(tmp_path):
+    # Rank 0 is left waiting in a collective; the launcher must stop it and report rank 1's error.
+    with pytest.raises(RankFailedError, match=r"model.vocab_size=5 is smaller") as info:
+        run_ranks(_train_with_bad_vocab_on_rank_one, 2, tiny_config(tmp_path, "parallel.dp=2"), timeout_s=120)
+    assert info.value.rank == 1 and "Traceback" in info.value.detail
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = LsysConfig()
+    cfg.train.steps, cfg.train.warmup_steps, cfg.train.lr, cfg.train.min_lr = 110, 10, 1.0, 0.1
+    lrs = [learning_rate(cfg, step) for step in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * 99 / 100)).item()))
+
+
+def test_sequence_curriculum_grows_geometrically_in_allowed_multiples():
+    cfg = LsysConfig()
+    cfg.data.seq_len, cfg.data.curriculum.start_len, cfg.data.curriculum.steps = 512, 32, 100
+    lengths = [sequence_length(cfg, step, granularity=8) for step in range(120)]
+    assert lengths[0] == 32 and lengths[50] == 128 and lengths[99] < 512 and lengths[100:] == [512] * 20
+    assert all(length % 8 == 0 for length in lengths) and lengths == sorted(lengths)
+    cfg.data.curriculum.start_len = 0
+    assert sequence_length(cfg, 0, granularity=8) == 512

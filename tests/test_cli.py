@@ -1,0 +1,86 @@
+"""The `lsys` command line: help texts, input errors before anything starts, and one real 2-rank run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "data.seq_len=32",
+    "data.curriculum.start_len=0", "train.steps=4", "train.global_batch_size=4", "train.log_every=2",
+    "train.eval_every=2", "train.eval_samples=8", "checkpoint.every=2", "train.device=cpu",
+]
+
+
+def lsys(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["prepare-data"]], ids=["lsys", "train", "prepare-data"])
+def test_help_describes_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    if command:
+        parser = commands[command[0]]
+    else:
+        assert all(name in text for name in commands)
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==":
+            continue
+        assert action.help, f"{action.dest} has no help text"
+        names = action.option_strings or [action.metavar or action.dest]
+        assert any(name in text for name in names), f"{names} missing from --help"
+
+
+def test_bad_override_is_rejected_before_any_rank_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    result = lsys("train", "configs/demo.yaml", "--nproc", "2", "model.num_kv_heads=3", f"train.run_dir={run_dir}")
+    assert result.returncode == 2
+    assert "model.num_kv_heads=3" in result.stderr and "must divide model.num_heads=4" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_unknown_key_and_world_size_mismatch_name_the_fix(tmp_path):
+    unknown = lsys("train", "configs/demo.yaml", "train.stepz=3")
+    assert unknown.returncode == 2 and "train.stepz" in unknown.stderr
+    mismatch = lsys("train", "configs/demo.yaml", "--nproc", "3", "parallel.cp_ring=2", f"train.run_dir={tmp_path}")
+    assert mismatch.returncode == 2 and "not divisible by cp_ring*cp_ulysses*tp=2" in mismatch.stderr
+
+
+def test_print_config_resolves_overrides_given_after_options():
+    result = lsys("train", "configs/demo.yaml", "--print-config", "--nproc", "2", "train.steps=7", "parallel.cp_ring=2")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["steps"] == 7 and resolved["parallel"]["cp_ring"] == 2
+    assert resolved["data"]["task"] == "passkey"
+
+
+def test_two_rank_context_parallel_run_writes_metrics_config_and_checkpoints(tmp_path):
+    result = lsys("train", "configs/demo.yaml", "--nproc", "2", *TINY, "parallel.cp_ring=2",
+                  f"train.run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "dp=1, cp=2" in result.stderr and "final eval" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "split" not in r]
+    evals = [r for r in records if r.get("split") == "valid"]
+    assert [r["step"] for r in steps] == [2, 4] and [r["step"] for r in evals] == [2, 4]
+    assert all(len(r["peak_memory_bytes"]) == 2 and r["tokens_per_s"] > 0 for r in steps)
+    assert 0.0 <= evals[-1]["passkey_accuracy"] <= 1.0
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["parallel"]["cp_ring"] == 2 and saved["train"]["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["end_step"] == 4 and len(summary["losses"]) == 4
