@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_every_preset_loads_and_validates(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, LsysConfig)
+    # The rank count the preset's header tells users to launch with must be one it accepts.
+    launched = re.search(r"--nproc (\d+)", (CONFIGS / name).read_text())
+    validate(cfg, int(launched.group(1)) if launched else 1)
 
 
 def test_overrides_are_typed_and_applied():

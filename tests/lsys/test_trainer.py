@@ -93,6 +93,18 @@ def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     assert meta["step"] == 6 and meta["world_size"] == 2
 
 
+def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
+    # Replicated parameters and optimizer state: the data-parallel degree may change across a restart.
+    two_ranks = tiny_config(tmp_path, "train.steps=4", "checkpoint.every=2", "parallel.dp=2")
+    straight = run_ranks(train_from_dict, 2, two_ranks)[0]
+    run_ranks(train_from_dict, 2, {**two_ranks, "train": {**two_ranks["train"], "exit_at_step": 2,
+                                                          "run_dir": str(tmp_path / "moved")}})
+    one_rank = tiny_config(tmp_path / "moved", "train.steps=4", "checkpoint.every=2")
+    resumed = run_ranks(train_from_dict, 1, one_rank)[0]
+    assert resumed["start_step"] == 2
+    torch.testing.assert_close(resumed["losses"], straight["losses"][2:], rtol=1e-10, atol=0)
+
+
 def test_resume_ignores_an_incomplete_checkpoint(tmp_path):
     values = tiny_config(tmp_path, "train.steps=2")
     run_ranks(train_from_dict, 1, values)
