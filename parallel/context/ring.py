@@ -76,7 +76,7 @@ class _RingAttention(torch.autograd.Function):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         num_q_heads, seq_len = q.shape[2], q.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
-        kv = torch.stack([k, v])  # [2, B, S_local, Hkv, D]: one contiguous message per hop
+        own_kv = kv = torch.stack([k, v])  # [2, B, S_local, Hkv, D]: one contiguous message per hop
         out = lse = None
         for step in range(size):
             if step + 1 < size:
@@ -102,27 +102,26 @@ class _RingAttention(torch.autograd.Function):
                 _wait(works)
                 kv = next_kv
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        # The stack, not k and v: backward sends it as is, and it holds the same bytes.
+        ctx.save_for_backward(q, own_kv, out, lse)
         ctx.options = (group, causal, layout, scale, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         # dout: [B, S_local, Hq, D] -> dq [B, S_local, Hq, D]; dk, dv [B, S_local, Hkv, D]
-        q, k, v, out, lse = ctx.saved_tensors
+        q, kv, out, lse = ctx.saved_tensors
         group, causal, layout, scale, backend = ctx.options
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        num_q_heads, num_kv_heads, seq_len = q.shape[2], k.shape[2], q.shape[1]
+        num_q_heads, num_kv_heads, seq_len = q.shape[2], kv.shape[3], q.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
         dout = dout.contiguous()
-        kv = torch.stack([k, v])
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dkv_in = dkv_works = None
+        dq = dkv = dkv_works = None
         for step in range(size):
             if step + 1 < size:
                 next_kv, kv_works = _rotate(kv, group, rank, size, _KV_TAG)
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
             plan = block_plan((rank - step) % size, rank, seq_len, causal, layout)
+            grads = None
             if plan is not None:
                 rows, keys, block_causal = plan
                 dq_b, dk_b, dv_b = attention_backward(
@@ -136,23 +135,29 @@ class _RingAttention(torch.autograd.Function):
                     scale=scale,
                     backend=backend,
                 )
-                dq[:, rows] += dq_b
-                dkv[0][:, keys] += reduce_kv_heads(dk_b.to(acc), num_kv_heads)
-                dkv[1][:, keys] += reduce_kv_heads(dv_b.to(acc), num_kv_heads)
-            if dkv_works is not None:
-                # The accumulator for this same K/V block, carrying the contributions of the ranks it visited.
-                _wait(dkv_works)
-                dkv += dkv_in
-            if size == 1:
-                dkv_in = dkv
+                grads = keys, reduce_kv_heads(dk_b.to(acc), num_kv_heads), reduce_kv_heads(dv_b.to(acc), num_kv_heads)
+                if dq is None:  # step 0, the own block, always covers every row
+                    dq = dq_b.to(acc)
+                else:
+                    dq[:, rows] += dq_b
+            if dkv_works is None:  # step 0: this block's accumulator starts here, from the full own block
+                dkv = torch.stack(grads[1:])
             else:
-                dkv_in, dkv_works = _rotate(dkv, group, rank, size, _DKV_TAG)
+                # The accumulator of this same K/V block arrives carrying the contributions of the ranks it
+                # visited; it was in flight while the block backward above ran. Add to it in place.
+                _wait(dkv_works)
+                if grads is not None:
+                    keys, dk, dv = grads
+                    dkv[0][:, keys] += dk
+                    dkv[1][:, keys] += dv
+            if size > 1:
+                dkv, dkv_works = _rotate(dkv, group, rank, size, _DKV_TAG)
             if step + 1 < size:
                 _wait(kv_works)
                 kv = next_kv
         if dkv_works is not None:
             _wait(dkv_works)  # after P hops the accumulator of this rank's own K/V is home
-        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None
 
 
 def ring_attention(
