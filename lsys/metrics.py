@@ -32,10 +32,17 @@ def format_bytes(value: float) -> str:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; a resumed run appends to the same file."""
+    """Appends one JSON object per line. A run resumed from step N first drops the records of steps after N
+    (written before the interruption, about to be trained again), so every step appears once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed_from: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_from]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
         self._file = path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:

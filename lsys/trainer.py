@@ -222,7 +222,7 @@ class Trainer:
         cfg, main = self.cfg, self.session.is_main
         start = self._resume()
         end = cfg.train.exit_at_step or cfg.train.steps
-        writer = MetricsWriter(self.run_dir / "metrics.jsonl") if main else None
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl", resumed_from=start) if main else None
         view = ProgressView(main, cfg.train.steps, start)
         if main:
             save_config(cfg, self.run_dir)

@@ -6,6 +6,7 @@ Runs use float64 parameters and compute so that "equal" means equal up to summat
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from launch.local import RankFailedError
 from lsys.config import LsysConfig, load_config, to_dict
+from lsys.metrics import read_metrics
 from lsys.session import distributed_session
 from lsys.trainer import Trainer, learning_rate, sequence_length, train_from_dict
 from tests.distributed import run_ranks
@@ -87,6 +89,14 @@ def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     assert (stopped["start_step"], stopped["end_step"], resumed["start_step"]) == (0, 3, 3)
     assert stopped["losses"] + resumed["losses"] == straight["losses"]
     assert resumed["evals"] == straight["evals"]
+    # A crash after step 6 whose newest complete checkpoint is step 4: steps 5 and 6 are trained and logged
+    # again, and the metrics keep each step once.
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
+    again = run_ranks(train_from_dict, 2, tiny_config(tmp_path / "resumed", *common))[0]
+    assert again["start_step"] == 4 and again["losses"] == straight["losses"][4:]
+    logged = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r and "split" not in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged] == straight["losses"]
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000004", "step_00000006"]  # keep_last=2, no .tmp left behind
     meta = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000006" / "lsys_meta.json").read_text())
