@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, RecomputeConfig
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,6 +114,7 @@ class LsysConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -233,6 +234,7 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "keep at least one checkpoint")
 
     p.validate()
+    cfg.recompute.validate()
     _require(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not available yet; use parallel.tp=1")
     chunks = p.seq_chunks
     _require(d.seq_len % chunks == 0, "data.seq_len", d.seq_len,

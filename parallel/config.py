@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CP_LAYOUTS = ("zigzag", "contiguous")
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -60,3 +61,33 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp={self.dp}: use a positive degree, or -1 to fill the world size")
         if self.cp_layout not in CP_LAYOUTS:
             raise ValueError(f"parallel.cp_layout={self.cp_layout!r}: choose one of {', '.join(CP_LAYOUTS)}")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation (parallel.recompute).
+
+    mode: "none"; "selective" keeps matmul outputs and attention's saved tensors and recomputes the
+      elementwise parts; "full" keeps only each block's input and reruns the whole block in backward.
+    every: apply to every k-th block (block index % every == 0).
+    first: only among the first n blocks; 0 means all blocks.
+    """
+
+    mode: str = "none"
+    every: int = 1
+    first: int = 0
+
+    def selected(self, num_blocks: int) -> list[int]:
+        """Indices of the blocks that recompute."""
+        if self.mode == "none":
+            return []
+        limit = min(self.first, num_blocks) if self.first else num_blocks
+        return list(range(0, limit, self.every))
+
+    def validate(self) -> None:
+        if self.mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute.mode={self.mode!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
+        if self.every < 1:
+            raise ValueError(f"recompute.every={self.every}: use 1 for every block, or k for every k-th")
+        if self.first < 0:
+            raise ValueError(f"recompute.first={self.first}: use 0 for all blocks, or n for the first n")

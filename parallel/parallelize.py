@@ -3,7 +3,9 @@
 Fixed order (each later step wraps what the earlier ones produced):
   1. context-parallel attention: every block's `attn.attn_fn` becomes ring / Ulysses / hybrid attention
      over the mesh's groups;
-  2. data parallelism over the replica group (dp x cp), gradients summed.
+  2. recomputation: selected blocks checkpoint their forward (selective mode replays attention's output
+     instead of running it again, so it wraps the attention chosen in step 1);
+  3. data parallelism over the replica group (dp x cp), gradients summed.
 Each transform marks the model and refuses to run twice.
 """
 
@@ -14,9 +16,10 @@ import functools
 import torch
 from torch import nn
 
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, RecomputeConfig
 from parallel.data_parallel import replicate
 from parallel.mesh import MeshInfo
+from parallel.recompute import apply_recompute
 
 _APPLIED = "_lsys_parallelized"
 
@@ -34,11 +37,18 @@ def apply_context_parallel(model: nn.Module, cfg: ParallelConfig, mesh: MeshInfo
         block.attn.attn_fn = attn_fn
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: MeshInfo, device: torch.device) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    mesh: MeshInfo,
+    device: torch.device,
+    recompute: RecomputeConfig | None = None,
+) -> nn.Module:
     """model: a plain model following the block protocol -> the model to train (possibly wrapped)."""
     if getattr(model, _APPLIED, False):
         raise ValueError("parallelize() was already applied to this model; build a fresh model instead")
     apply_context_parallel(model, cfg, mesh)
+    apply_recompute(model, recompute or RecomputeConfig())
     setattr(model, _APPLIED, True)
     if mesh.replica_size > 1:
         model = replicate(model, mesh.replica_group, device)

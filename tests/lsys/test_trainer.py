@@ -68,7 +68,12 @@ def one_rank(tmp_path_factory) -> dict[str, Any]:
     ("parallel.cp_ring=2", "parallel.cp_layout=zigzag"),
     ("parallel.cp_ring=2", "parallel.cp_layout=contiguous"),
     ("parallel.cp_ulysses=2",),
-], ids=["dp2", "ring2-zigzag", "ring2-contiguous", "ulysses2"])
+    ("parallel.cp_ring=2", "recompute.mode=selective"),
+    ("parallel.cp_ring=2", "recompute.mode=full"),
+    ("parallel.cp_ulysses=2", "recompute.mode=selective", "train.micro_batch_size=2"),
+    ("parallel.dp=2", "recompute.mode=full", "recompute.every=2"),
+], ids=["dp2", "ring2-zigzag", "ring2-contiguous", "ulysses2", "ring2-selective", "ring2-full",
+        "ulysses2-selective-micro", "dp2-full-every2"])
 def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
     results = run_ranks(_losses_and_grads, 2, tiny_config(tmp_path, *overrides))
     for result in results:
