@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.config import ParallelConfig, RecomputeConfig
+from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -115,6 +115,7 @@ class LsysConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -235,6 +236,7 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
 
     p.validate()
     cfg.recompute.validate()
+    cfg.quant.validate()
     _require(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not available yet; use parallel.tp=1")
     chunks = p.seq_chunks
     _require(d.seq_len % chunks == 0, "data.seq_len", d.seq_len,

@@ -93,7 +93,7 @@ class Trainer:
                              " raise it or use 0 for automatic")
         self.model_cfg = replace(cfg.model, vocab_size=vocab)
         self.model = build_model(self.model_cfg, self.device, DTYPES[cfg.train.param_dtype], cfg.train.seed)
-        self.wrapped = parallelize(self.model, cfg.parallel, self.mesh, self.device, cfg.recompute)
+        self.wrapped = parallelize(self.model, cfg.parallel, self.mesh, self.device, cfg.recompute, cfg.quant)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CP_LAYOUTS = ("zigzag", "contiguous")
 RECOMPUTE_MODES = ("none", "selective", "full")
+QUANT_MODES = ("none", "int8")
+QUANT_KINDS = ("attention", "linear", "elementwise", "norm")
 
 
 @dataclass
@@ -91,3 +93,35 @@ class RecomputeConfig:
             raise ValueError(f"recompute.every={self.every}: use 1 for every block, or k for every k-th")
         if self.first < 0:
             raise ValueError(f"recompute.first={self.first}: use 0 for all blocks, or n for the first n")
+
+
+@dataclass
+class QuantConfig:
+    """8-bit stored activations (parallel.quantize): the forward is exact, the copies kept for backward are int8.
+
+    activations: "none" or "int8".
+    kinds: which saved tensors: "attention" (q, K/V, out; per head), "linear" (projection inputs), "elementwise"
+      (the feed-forward's SiLU and product inputs), "norm" (RMSNorm's saved input and output).
+    decay: weight of the running range estimate per step (Mesa); the first step uses the batch's range.
+    group_size: channels per range group for [..., C] tensors (attention tensors get one range per head).
+    stochastic: stochastic rounding (unbiased) instead of round-to-nearest.
+    seed: seed of the rounding noise.
+    """
+
+    activations: str = "none"
+    kinds: list[str] = field(default_factory=lambda: list(QUANT_KINDS))
+    decay: float = 0.9
+    group_size: int = 64
+    stochastic: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.activations not in QUANT_MODES:
+            raise ValueError(f"quant.activations={self.activations!r}: choose one of {', '.join(QUANT_MODES)}")
+        unknown = [kind for kind in self.kinds if kind not in QUANT_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"quant.kinds={list(self.kinds)}: use a non-empty subset of {', '.join(QUANT_KINDS)}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"quant.decay={self.decay}: must lie in [0, 1) (0 uses each batch's own range)")
+        if self.group_size < 1:
+            raise ValueError(f"quant.group_size={self.group_size}: must be a positive number of channels")

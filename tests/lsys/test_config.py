@@ -56,6 +56,11 @@ BAD = [
     (["trainsteps"], "not key=value"),
     (["parallel.cp_ring=2", "data.seq_len=30"], "data.seq_len=30: must be divisible by 4"),
     (["parallel.cp_ulysses=3", "data.seq_len=300"], "parallel.cp_ulysses=3: must divide model.num_heads=4"),
+    (["recompute.mode=some"], "recompute.mode='some': choose one of none, selective, full"),
+    (["recompute.every=0"], "recompute.every=0"),
+    (["quant.activations=int4"], "quant.activations='int4'"),
+    (["quant.kinds=[mlp]"], "quant.kinds=['mlp']"),
+    (["quant.decay=1.5"], "quant.decay=1.5"),
 ]
 
 

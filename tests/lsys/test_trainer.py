@@ -80,6 +80,18 @@ def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
         assert_same_training(result, one_rank)
 
 
+@pytest.mark.parametrize("overrides", [
+    ("parallel.cp_ring=2", "quant.activations=int8"),
+    ("parallel.cp_ulysses=2", "quant.activations=int8", "recompute.mode=selective"),
+], ids=["ring2-int8", "ulysses2-int8-selective"])
+def test_int8_activations_keep_the_forward_exact_and_gradients_close(tmp_path, one_rank, overrides):
+    result = run_ranks(_losses_and_grads, 2, tiny_config(tmp_path, *overrides))[0]
+    torch.testing.assert_close(result["losses"][0], one_rank["losses"][0], rtol=1e-10, atol=0)
+    got, want = torch.cat([g.flatten() for g in result["grads"][0]]), torch.cat([g.flatten() for g in
+                                                                               one_rank["grads"][0]])
+    assert ((got - want).norm() / want.norm()).item() < 5e-2
+
+
 def test_micro_batches_accumulate_to_the_full_batch(tmp_path, one_rank):
     result = run_ranks(_losses_and_grads, 1, tiny_config(tmp_path, "train.micro_batch_size=1"))[0]
     assert_same_training(result, one_rank)

@@ -1,0 +1,257 @@
+"""Mesa-style 8-bit stored activations: the forward runs exactly; what autograd keeps for backward is int8.
+
+Saved-tensor hooks are installed around parts of each block, one per policy kind:
+
+- "attention": tensors saved by the block's attn_fn (q, the K/V block, out; never the lse), one range per head;
+- "linear": the inputs of the attention and feed-forward modules (the normalised activations every projection
+  saves) and the attention output that the output projection saves;
+- "elementwise": what the feed-forward's own code saves (SiLU input, product inputs, down-projection input);
+- "norm": what RMSNorm saves (its input and normalised output).
+
+Each saved tensor site (block, scope, order of saving) keeps a running per-group range: the first step takes the
+batch's min and max, later steps move it with `decay` (Mesa's running estimates), and values outside it clamp.
+Codes use stochastic rounding seeded per step and site, so stored activations are unbiased. A storage saved
+twice in one block (the normalised input saved by wq, wk and wv; out saved by attention and by wo) is quantized
+once and shared. Per-row statistics, the lse, weights and RoPE tables stay as they are.
+
+Blocks under selective recomputation (parallel.recompute) quantize only their attention, the one part kept by
+autograd itself; the rest is recomputed or kept by the checkpoint, and hooks inside a checkpointed region would
+take tensors from it. Blocks under full recomputation keep only their input and are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
+from parallel.config import QuantConfig, RecomputeConfig
+
+SCOPES = ("attention", "attn", "ffn", "norm")
+# Tensors with fewer elements per row than this stay unquantized: row statistics cost more to range than to keep.
+MIN_CHANNELS = 8
+
+
+@dataclass
+class _Packed:
+    """One int8 copy of a storage region, shared by every save of it."""
+
+    codes: Tensor  # int8, the saved tensor's contiguous layout
+    scale: Tensor
+    shift: Tensor
+    channel_dim: int
+    dtype: torch.dtype
+
+
+@dataclass
+class _SavedView:
+    packed: _Packed
+    shape: torch.Size
+
+    def unpack(self) -> Tensor:
+        p = self.packed
+        values = dequantize_int8(p.codes, p.scale, p.shift, channel_dim=p.channel_dim, dtype=p.dtype)
+        return values.view(self.shape)
+
+
+class _Site:
+    """Running range of one saved-tensor site."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.lo: Tensor | None = None
+        self.hi: Tensor | None = None
+
+    def update(self, x: Tensor, groups: int, channel_dim: int) -> tuple[Tensor, Tensor]:
+        lo, hi = group_range(x, groups, channel_dim)
+        if self.lo is None or self.lo.shape != lo.shape:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.decay * self.lo + (1 - self.decay) * lo
+            self.hi = self.decay * self.hi + (1 - self.decay) * hi
+        return scale_shift_from_range(self.lo, self.hi)
+
+
+class BlockQuantizer:
+    """The quantization state of one block: sites, the step counter for seeds, the per-forward share cache."""
+
+    def __init__(self, cfg: QuantConfig, block_index: int):
+        self.cfg = cfg
+        self.block_index = block_index
+        self.sites: dict[tuple[str, int], _Site] = {}
+        self.calls = 0
+        self._shared: dict[tuple, tuple[weakref.ref, _Packed]] = {}
+        self._order: dict[str, int] = {}
+
+    def begin_forward(self) -> None:
+        self.calls += 1
+        self._shared.clear()
+        self._order.clear()
+
+    def is_shared(self, t: Tensor) -> bool:
+        """Whether this storage region was already quantized in this block's forward."""
+        hit = self._shared.get((t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype))
+        return hit is not None and hit[0]() is not None
+
+    def _layout(self, t: Tensor, scope: str) -> tuple[int, int] | None:
+        """(channel_dim, groups) for a tensor of this scope, or None to leave it unquantized."""
+        if scope == "attention":
+            if t.dim() < 4 or t.shape[-1] < MIN_CHANNELS:
+                return None
+            return t.dim() - 2, t.shape[-2]  # [..., H, D]: one range per head
+        channels = t.shape[-1]
+        if channels < MIN_CHANNELS:
+            return None
+        size = self.cfg.group_size if channels % self.cfg.group_size == 0 else channels
+        return t.dim() - 1, channels // size
+
+    def pack(self, t: Tensor, scope: str, wanted: Callable[[Tensor], bool]) -> Any:
+        if not (t.is_floating_point() and t.dim() >= 2 and t.numel() and wanted(t)) or _is_weight(t):
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if self.is_shared(t) and t.is_contiguous():
+            return _SavedView(self._shared[key][1], t.shape)
+        layout = self._layout(t, scope)
+        if layout is None:
+            return t
+        channel_dim, groups = layout
+        order = self._order.get(scope, 0)
+        self._order[scope] = order + 1
+        site = self.sites.setdefault((scope, order), _Site(self.cfg.decay))
+        scale, shift = site.update(t, groups, channel_dim)
+        # Integers only: hash() of a str is salted per process, which would differ between runs and ranks.
+        seed = hash((self.cfg.seed, self.block_index, SCOPES.index(scope), order, self.calls)) & 0x7FFFFFFF
+        codes = quantize_int8(t, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=self.cfg.stochastic)
+        packed = _Packed(codes, scale, shift, channel_dim, t.dtype)
+        if t.is_contiguous():
+            # Held weakly through the viewed tensor: a projection saves a temporary 2-D view of its input.
+            self._shared[key] = (weakref.ref(t if t._base is None else t._base), packed)
+        return _SavedView(packed, t.shape)
+
+    @contextlib.contextmanager
+    def scope(self, name: str, wanted: Callable[[Tensor], bool] = lambda t: True) -> Iterator[None]:
+        def unpack(saved: Any) -> Tensor:
+            return saved.unpack() if isinstance(saved, _SavedView) else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, name, wanted), unpack):
+            yield
+
+
+def _is_weight(t: Tensor) -> bool:
+    """A parameter, or a view or autocast copy of one (what a projection saves to compute its input's
+    gradient): single-input autograd steps that end at a parameter's gradient accumulator."""
+    if isinstance(t, nn.Parameter):
+        return True
+    node = t.grad_fn
+    for _ in range(4):
+        if node is None:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            return True
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
+def _activation(t: Tensor) -> bool:
+    # Outside autograd Functions every activation requires grad; constants (RoPE tables) do not.
+    return t.requires_grad
+
+
+class _QuantizedAttention:
+    """attn_fn whose saved tensors are int8 (kind "attention")."""
+
+    def __init__(self, attn_fn: Callable[..., Tensor], quantizer: BlockQuantizer):
+        self.attn_fn = attn_fn
+        self.quantizer = quantizer
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.quantizer.scope("attention"):
+            return self.attn_fn(*args, **kwargs)
+
+
+def _is_input_or_its_copy(reference: Tensor) -> Callable[[Tensor], bool]:
+    """Whether a saved tensor is `reference` itself (or a view of its storage), or what a projection saves
+    of it under autocast: a cast copy, possibly viewed, i.e. single-input autograd steps back to it."""
+    pointer, source = reference.untyped_storage().data_ptr(), reference.grad_fn
+
+    def check(t: Tensor) -> bool:
+        if t.untyped_storage().data_ptr() == pointer:
+            return True
+        node = t.grad_fn
+        for _ in range(3):
+            if node is None or source is None:
+                return False
+            if node is source:
+                return True
+            inputs = [fn for fn, _ in node.next_functions if fn is not None]
+            if len(inputs) != 1:
+                return False
+            node = inputs[0]
+        return node is source
+
+    return check
+
+
+def _wrap_forward(module: nn.Module, run: Callable[[Callable, tuple, dict], Tensor]) -> None:
+    inner = module.forward
+    module.forward = lambda *args, **kwargs: run(inner, args, kwargs)
+
+
+def apply_activation_quantization(model: nn.Module, cfg: QuantConfig, recompute: RecomputeConfig) -> None:
+    """Store the selected kinds of saved activations of every block in int8, in place."""
+    if cfg.activations == "none":
+        return
+    kinds = set(cfg.kinds)
+    recomputed = set(recompute.selected(len(model.blocks)))
+    for index, block in enumerate(model.blocks):
+        if index in recomputed and recompute.mode == "full":
+            continue  # keeps only its input, which the checkpoint holds
+        quantizer = BlockQuantizer(cfg, index)
+        block.activation_quantizer = quantizer
+
+        def block_forward(inner, args, kwargs, quantizer=quantizer):
+            quantizer.begin_forward()
+            return inner(*args, **kwargs)
+
+        _wrap_forward(block, block_forward)
+        if "attention" in kinds:
+            block.attn.attn_fn = _QuantizedAttention(block.attn.attn_fn, quantizer)
+        if index in recomputed:
+            continue
+        for name, module in (("attn", block.attn), ("ffn", block.ffn)):
+            elementwise = name == "ffn" and "elementwise" in kinds
+            if "linear" not in kinds and not elementwise:
+                continue
+
+            def scoped(inner, args, kwargs, name=name, elementwise=elementwise, quantizer=quantizer):
+                is_input = _is_input_or_its_copy(args[0])
+                if elementwise and "linear" in kinds:
+                    wanted = _activation
+                elif elementwise:
+                    wanted = lambda t: _activation(t) and not is_input(t)  # noqa: E731
+                elif name == "attn":
+                    # Its input (saved by wq, wk, wv) and attention's out where attn_fn quantized it (saved
+                    # again by wo); not the RoPE tables.
+                    wanted = lambda t: is_input(t) or quantizer.is_shared(t)  # noqa: E731
+                else:
+                    wanted = is_input
+                with quantizer.scope(name, wanted):
+                    return inner(*args, **kwargs)
+
+            _wrap_forward(module, scoped)
+        if "norm" in kinds:
+            for norm in (block.attn_norm, block.ffn_norm):
+                def normed(inner, args, kwargs, quantizer=quantizer):
+                    with quantizer.scope("norm", _activation):
+                        return inner(*args, **kwargs)
+
+                _wrap_forward(norm, normed)
