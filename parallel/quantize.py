@@ -127,7 +127,10 @@ class BlockQuantizer:
         scale, shift = site.update(t, groups, channel_dim)
         # Integers only: hash() of a str is salted per process, which would differ between runs and ranks.
         seed = hash((self.cfg.seed, self.block_index, SCOPES.index(scope), order, self.calls)) & 0x7FFFFFFF
-        codes = quantize_int8(t, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=self.cfg.stochastic)
+        # CPU: the vectorised path with generator noise; the hash-based torch twin exists to check Triton.
+        backend = "auto" if t.is_cuda else "torch-rand"
+        codes = quantize_int8(t, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=self.cfg.stochastic,
+                              backend=backend)
         packed = _Packed(codes, scale, shift, channel_dim, t.dtype)
         if t.is_contiguous():
             # Held weakly through the viewed tensor: a projection saves a temporary 2-D view of its input.

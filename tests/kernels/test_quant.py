@@ -278,3 +278,25 @@ def test_triton_interpreted_matches_torch_bit_for_bit():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA device")
 def test_triton_compiled_matches_torch_bit_for_bit():
     _run_check("cuda", interpret=False)
+
+
+def test_generator_backend_matches_the_hash_path_in_distribution():
+    # Round-to-nearest has no noise: both CPU paths give the same codes. Stochastic: same bounds, no bias.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 3, 16, generator=gen).transpose(1, 2)  # non-contiguous, channels in the middle
+    lo, hi = group_range(x, 3, channel_dim=1)
+    scale, shift = scale_shift_from_range(lo, hi)
+    args = {"channel_dim": 1}
+    nearest = quantize_int8(x, scale, shift, seed=0, stochastic=False, backend="torch-rand", **args)
+    assert torch.equal(nearest, quantize_int8(x, scale, shift, seed=0, stochastic=False, backend="torch", **args))
+    draws = torch.stack([
+        dequantize_int8(quantize_int8(x, scale, shift, seed=s, backend="torch-rand", **args), scale, shift,
+                        dtype=torch.float32, **args)
+        for s in range(400)
+    ])
+    step = scale.view(-1, 1, 1)  # channels at dim 1 of [4, 3, 6, 16]
+    assert ((draws - x).abs() <= step * (1 + 1e-6)).all()
+    # Per element the mean of 400 draws has standard deviation <= step / (2 * sqrt(400)) = step / 40.
+    assert ((draws.mean(0) - x).abs() <= step * 5 / 40).all()
+    again = quantize_int8(x, scale, shift, seed=7, backend="torch-rand", **args)
+    assert torch.equal(again, quantize_int8(x, scale, shift, seed=7, backend="torch-rand", **args))
