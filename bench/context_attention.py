@@ -18,11 +18,9 @@ backward per rank, and their peak, at a fixed sequence length for 1, 2 and 4 ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import torch
 from measure import peak_allocated, saved_bytes_of, timed
 from peers import KNOWN_ISSUES, Method, build_peers, peer_versions
-from report import print_tables
+from report import print_tables, write_results
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "context_attention.json"
 # Output and gradient errors are judged relative to the reference's largest magnitude: fp32 against fp64.
@@ -304,10 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     results["wall_s"] = time.perf_counter() - started
     print_tables(results)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,15 @@ half of every sequence).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report import write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     results["wall_s"] = time.perf_counter() - started
     print_table(results)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The tables bench/context_attention.py prints from its results dict (the JSON it writes)."""
+"""The tables bench/context_attention.py prints from its results dict, and how every benchmark writes its JSON."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -80,3 +82,12 @@ def print_tables(results: dict) -> None:
     if results["ours_vs_peers"]:
         console.print(_ratios_table(results))
     console.print(_activations_table(results))
+
+
+def write_results(results: dict, output: Path | None) -> None:
+    """Write the results JSON (no file when `output` is None) and say where."""
+    if output is None:
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {output}", file=sys.stderr)
