@@ -13,17 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.dispatch import resolve_backend
 from kernels.reference import reference_attention_backward, reference_attention_forward
 
 BACKENDS = ("auto", "aten", "triton", "reference")
 
 
 def _resolve(backend: str, q: Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend={backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    return "triton" if q.is_cuda else "aten"
+    return resolve_backend("attention", backend, BACKENDS, q, off_cuda="aten")
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -25,6 +25,8 @@ import operator
 import torch
 from torch import Tensor
 
+from kernels.dispatch import resolve_backend
+
 BACKENDS = ("auto", "torch", "torch-rand", "triton")
 QMIN, QMAX = -128, 127
 # Smallest scale used: the smallest normal fp32, whose reciprocal 2**126 is still finite. A zero scale (a constant
@@ -186,11 +188,7 @@ def rand_quantize_int8(
 
 
 def _resolve(backend: str, x: Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"quantization backend={backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    return "triton" if x.is_cuda else "torch"
+    return resolve_backend("quantization", backend, BACKENDS, x, off_cuda="torch")
 
 
 def quantize_int8(

@@ -94,9 +94,13 @@ class BlockQuantizer:
         self._shared.clear()
         self._order.clear()
 
+    @staticmethod
+    def _region(t: Tensor) -> tuple:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype
+
     def is_shared(self, t: Tensor) -> bool:
         """Whether this storage region was already quantized in this block's forward."""
-        hit = self._shared.get((t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype))
+        hit = self._shared.get(self._region(t))
         return hit is not None and hit[0]() is not None
 
     def _layout(self, t: Tensor, scope: str) -> tuple[int, int] | None:
@@ -114,9 +118,8 @@ class BlockQuantizer:
     def pack(self, t: Tensor, scope: str, wanted: Callable[[Tensor], bool]) -> Any:
         if not (t.is_floating_point() and t.dim() >= 2 and t.numel() and wanted(t)) or _is_weight(t):
             return t
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if self.is_shared(t) and t.is_contiguous():
-            return _SavedView(self._shared[key][1], t.shape)
+            return _SavedView(self._shared[self._region(t)][1], t.shape)
         layout = self._layout(t, scope)
         if layout is None:
             return t
@@ -134,7 +137,7 @@ class BlockQuantizer:
         packed = _Packed(codes, scale, shift, channel_dim, t.dtype)
         if t.is_contiguous():
             # Held weakly through the viewed tensor: a projection saves a temporary 2-D view of its input.
-            self._shared[key] = (weakref.ref(t if t._base is None else t._base), packed)
+            self._shared[self._region(t)] = (weakref.ref(t if t._base is None else t._base), packed)
         return _SavedView(packed, t.shape)
 
     @contextlib.contextmanager
@@ -146,22 +149,25 @@ class BlockQuantizer:
             yield
 
 
+def _single_input_chain(t: Tensor, length: int = 4) -> Iterator:
+    """t's autograd node and its ancestors while each has exactly one input: the views and casts leading to t."""
+    node = t.grad_fn
+    for _ in range(length):
+        if node is None:
+            return
+        yield node
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1:
+            return
+        node = inputs[0]
+
+
 def _is_weight(t: Tensor) -> bool:
     """A parameter, or a view or autocast copy of one (what a projection saves to compute its input's
     gradient): single-input autograd steps that end at a parameter's gradient accumulator."""
-    if isinstance(t, nn.Parameter):
-        return True
-    node = t.grad_fn
-    for _ in range(4):
-        if node is None:
-            return False
-        if type(node).__name__ == "AccumulateGrad":
-            return True
-        inputs = [fn for fn, _ in node.next_functions if fn is not None]
-        if len(inputs) != 1:
-            return False
-        node = inputs[0]
-    return False
+    return isinstance(t, nn.Parameter) or any(
+        type(node).__name__ == "AccumulateGrad" for node in _single_input_chain(t)
+    )
 
 
 def _activation(t: Tensor) -> bool:
@@ -189,17 +195,7 @@ def _is_input_or_its_copy(reference: Tensor) -> Callable[[Tensor], bool]:
     def check(t: Tensor) -> bool:
         if t.untyped_storage().data_ptr() == pointer:
             return True
-        node = t.grad_fn
-        for _ in range(3):
-            if node is None or source is None:
-                return False
-            if node is source:
-                return True
-            inputs = [fn for fn, _ in node.next_functions if fn is not None]
-            if len(inputs) != 1:
-                return False
-            node = inputs[0]
-        return node is source
+        return source is not None and any(node is source for node in _single_input_chain(t))
 
     return check
 
