@@ -4,7 +4,7 @@
     python bench/memory_savers.py --train-steps 0 # bytes and time only
     python bench/memory_savers.py --quick         # 60 training steps, 3 timed repeats: does every mode still run?
 
-Modes: none, selective and full recomputation, int8 stored activations, and selective + int8
+Modes: none, selective and full recomputation, int8 stored activations, and each recompute with int8
 (configs/demo.yaml with recompute.* / quant.* overrides; parallel.cp_ring=2, so "per rank" means each rank's
 half of every sequence).
 
@@ -42,6 +42,7 @@ MODES = {
     "full": ["recompute.mode=full"],
     "int8": ["quant.activations=int8"],
     "selective+int8": ["recompute.mode=selective", "quant.activations=int8"],
+    "full+int8": ["recompute.mode=full", "quant.activations=int8"],
 }
 COMMON = ["parallel.cp_ring=2", "train.device=cpu"]
 

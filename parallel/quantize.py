@@ -14,9 +14,12 @@ Codes use stochastic rounding seeded per step and site, so stored activations ar
 twice in one block (the normalised input saved by wq, wk and wv; out saved by attention and by wo) is quantized
 once and shared. Per-row statistics, the lse, weights and RoPE tables stay as they are.
 
-Blocks under selective recomputation (parallel.recompute) quantize only their attention, the one part kept by
-autograd itself; the rest is recomputed or kept by the checkpoint, and hooks inside a checkpointed region would
-take tensors from it. Blocks under full recomputation keep only their input and are left alone.
+Blocks under selective recomputation (parallel.recompute) keep attention's tensors through autograd (kind
+"attention") and the matmul outputs the recompute reads in the checkpoint's own cache, stored int8 under kind
+"elementwise" (they are the inputs of the recomputed elementwise code); hooks inside a checkpointed region would
+take tensors from the checkpoint, so no others are installed there. A block under recomputation, selective or
+full, keeps its input for the recompute; that is stored int8 too (kind "norm": it is RMSNorm's input), so the
+recompute starts from the dequantized input.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
 from parallel.config import QuantConfig, RecomputeConfig
 
-SCOPES = ("attention", "attn", "ffn", "norm")
+SCOPES = ("attention", "attn", "ffn", "norm", "recompute", "block_input")
 # Tensors with fewer elements per row than this stay unquantized: row statistics cost more to range than to keep.
 MIN_CHANNELS = 8
 
@@ -115,6 +118,9 @@ class BlockQuantizer:
         size = self.cfg.group_size if channels % self.cfg.group_size == 0 else channels
         return t.dim() - 1, channels // size
 
+    # Outside autograd: quantizing builds no graph, and inside a checkpointed region the checkpoint's hooks
+    # would count anything saved here.
+    @torch.no_grad()
     def pack(self, t: Tensor, scope: str, wanted: Callable[[Tensor], bool]) -> Any:
         if not (t.is_floating_point() and t.dim() >= 2 and t.numel() and wanted(t)) or _is_weight(t):
             return t
@@ -140,6 +146,25 @@ class BlockQuantizer:
             self._shared[self._region(t)] = (weakref.ref(t if t._base is None else t._base), packed)
         return _SavedView(packed, t.shape)
 
+    def pack_recompute_input(self, t: Tensor) -> Any:
+        """A matmul output kept by selective recomputation: int8 when kind "elementwise" is on."""
+        if "elementwise" not in self.cfg.kinds:
+            return t
+        return self.pack(t, "recompute", lambda _: True)
+
+    def pack_replayed_output(self, t: Tensor) -> Any:
+        """Attention's output kept for selective recomputation's replay: the int8 copy attention saved of it,
+        or (Ulysses: attention saved its head shard) a copy of its own."""
+        if "attention" not in self.cfg.kinds:
+            return t
+        return self.pack(t, "attention", lambda _: True)
+
+    def kept_input_scope(self) -> contextlib.AbstractContextManager:
+        """Around a checkpoint call: the block input it keeps for the recompute is stored int8 (kind "norm")."""
+        if "norm" not in self.cfg.kinds:
+            return contextlib.nullcontext()
+        return self.scope("block_input", _activation)
+
     @contextlib.contextmanager
     def scope(self, name: str, wanted: Callable[[Tensor], bool] = lambda t: True) -> Iterator[None]:
         def unpack(saved: Any) -> Tensor:
@@ -162,12 +187,24 @@ def _single_input_chain(t: Tensor, length: int = 4) -> Iterator:
         node = inputs[0]
 
 
+# Autograd nodes of views and casts: what lies between a parameter and what a projection saves of it.
+_VIEW_OR_CAST = {"ToCopyBackward", "TBackward", "ViewBackward", "UnsafeViewBackward", "PermuteBackward",
+                 "TransposeBackward", "ExpandBackward", "AliasBackward", "AsStridedBackward", "ReshapeAliasBackward"}
+
+
 def _is_weight(t: Tensor) -> bool:
     """A parameter, or a view or autocast copy of one (what a projection saves to compute its input's
-    gradient): single-input autograd steps that end at a parameter's gradient accumulator."""
-    return isinstance(t, nn.Parameter) or any(
-        type(node).__name__ == "AccumulateGrad" for node in _single_input_chain(t)
-    )
+    gradient): view and cast steps that end at a parameter's gradient accumulator. An embedding's output
+    also has a single parameter input, but is an activation."""
+    if isinstance(t, nn.Parameter):
+        return True
+    for node in _single_input_chain(t):
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            return True
+        if name.rstrip("0123456789") not in _VIEW_OR_CAST:
+            return False
+    return False
 
 
 def _activation(t: Tensor) -> bool:
@@ -212,10 +249,10 @@ def apply_activation_quantization(model: nn.Module, cfg: QuantConfig, recompute:
     kinds = set(cfg.kinds)
     recomputed = set(recompute.selected(len(model.blocks)))
     for index, block in enumerate(model.blocks):
-        if index in recomputed and recompute.mode == "full":
-            continue  # keeps only its input, which the checkpoint holds
         quantizer = BlockQuantizer(cfg, index)
         block.activation_quantizer = quantizer
+        if index in recomputed and recompute.mode == "full":
+            continue  # keeps only its input, which the checkpoint holds (see kept_input_scope)
 
         def block_forward(inner, args, kwargs, quantizer=quantizer):
             quantizer.begin_forward()

@@ -3,25 +3,35 @@
 - full: a block keeps only its inputs; its whole forward, context-parallel attention included (so ring K/V
   travel again), runs a second time during backward.
 - selective: a block keeps its matmul outputs and its attention's own saved tensors (out and lse, q and the
-  K/V block for ring attention) and recomputes only the cheap elementwise parts (norms, RoPE, SiLU, products,
+  K/V blocks for ring attention) and recomputes only the cheap elementwise parts (norms, RoPE, SiLU, products,
   residual adds). Attention is never run again: its output is replayed from the forward, so a recompute never
   repeats ring or Ulysses communication.
 
-Built on torch's non-reentrant checkpoint with a selective-checkpoint policy. Attention runs inside the
-checkpointed region but outside its bookkeeping: saved-tensor hooks restored to plain saving, no caching by
-the policy, and its output remembered for the replay.
+Selective is torch's non-reentrant checkpoint with our own selective cache (a pair of dispatch modes, as
+torch's selective-checkpoint contexts are) that knows the block's structure. It keeps matmul outputs that
+backward's recompute reads, and stores none of these:
+  - the q/k/v projections: they feed only attention, which is replayed, so the recompute gets zeros of the
+    right shape (RoPE's backward needs only its tables, each projection's backward its input);
+  - the feed-forward's output projection: it feeds only the residual add, and the checkpoint stops
+    recomputing once every saved tensor is back, before it is reached.
+With 8-bit stored activations on, the kept outputs and the block's kept input (selective and full) are stored
+int8 (parallel.quantize) like attention's.
+Attention runs inside the checkpointed region but outside its bookkeeping: saved-tensor hooks restored to
+plain saving, no caching, and its output remembered for the replay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from parallel.config import RecomputeConfig
 
@@ -34,14 +44,19 @@ class _ReplayedAttention:
     """Wraps a block's attn_fn: runs it normally in forward and hands back the same output when the
     checkpoint recomputes the block during backward (detected by running inside the autograd engine)."""
 
-    def __init__(self, attn_fn: Callable[..., Tensor]):
+    def __init__(self, attn_fn: Callable[..., Tensor], pack: Callable[[Tensor], Any]):
         self.attn_fn = attn_fn
-        self.outputs: deque[Tensor] = deque()
-        self.running = False  # the selective policy leaves ops inside attention alone
+        self.pack = pack  # how the output is kept until the replay: itself, or the int8 copy attention saved
+        self.outputs: deque[Any] = deque()
+        self.running = False  # the selective cache leaves ops inside attention alone
+        self.preparing_inputs = False  # between the attention module's start and attn_fn: q/k/v projections
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.preparing_inputs = False
         if torch._C._current_graph_task_id() != -1:
-            return self.outputs.popleft()
+            # A dequantized copy is a new leaf: it must require grad as the output did, so the recompute
+            # saves what the forward saved (the output projection keeps its weight only for such an input).
+            return _unpacked(self.outputs.popleft()).requires_grad_()
         self.running = True
         try:
             # Plain saving for attention's own tensors: they live until backward, not recomputed.
@@ -50,28 +65,122 @@ class _ReplayedAttention:
         finally:
             self.running = False
         if torch.is_grad_enabled():
-            self.outputs.append(out)
+            self.outputs.append(self.pack(out))
         return out
 
 
-def _selective_policy(attention: _ReplayedAttention) -> Callable:
-    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-        if not attention.running and op in _MATMULS:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
+class _Placeholder:
+    """A matmul output backward never reads: only its layout is kept, zeros stand in on recompute."""
 
-    return policy
+    def __init__(self, t: Tensor):
+        self.size, self.stride, self.dtype, self.device = t.size(), t.stride(), t.dtype, t.device
+
+    def unpack(self) -> Tensor:
+        return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=self.device).zero_()
 
 
-def _checkpointed(forward: Callable[..., Tensor], context_fn: Callable | None) -> Callable[..., Tensor]:
+_RECOMPUTE = object()
+
+
+def _unpacked(kept: Any) -> Tensor:
+    return kept.unpack() if hasattr(kept, "unpack") else kept
+
+
+class _SelectiveCache:
+    """What one checkpointed forward of a block keeps for its recompute: matmul outputs, per op in call order.
+
+    `pack` turns a kept output into what is stored (itself, or an int8 copy with `.unpack()`).
+    """
+
+    def __init__(self, attention: _ReplayedAttention, final_projection: _ModuleFlag,
+                 pack: Callable[[Tensor], Any]):
+        self.attention = attention
+        self.final_projection = final_projection
+        self.pack = pack
+        self.entries: dict[Any, list] = defaultdict(list)
+        self.taken: dict[Any, int] = defaultdict(int)
+
+    def keep(self, func: Any, out: Tensor) -> None:
+        if self.attention.preparing_inputs:
+            entry = _Placeholder(out)
+        elif self.final_projection.active:
+            entry = _RECOMPUTE
+        else:
+            entry = self.pack(out.detach())
+        self.entries[func].append(entry)
+
+    def take(self, func: Any) -> Any:
+        index = self.taken[func]
+        self.taken[func] += 1
+        entry, self.entries[func][index] = self.entries[func][index], None
+        return entry
+
+    def contexts(self) -> tuple[TorchDispatchMode, TorchDispatchMode]:
+        return _Recording(self), _Replaying(self)
+
+
+class _Recording(TorchDispatchMode):
+    def __init__(self, cache: _SelectiveCache):
+        super().__init__()
+        self.cache = cache
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS and not self.cache.attention.running:
+            self.cache.keep(func, out)
+        return out
+
+
+class _Replaying(TorchDispatchMode):
+    def __init__(self, cache: _SelectiveCache):
+        super().__init__()
+        self.cache = cache
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _MATMULS:
+            entry = self.cache.take(func)
+            if entry is None:
+                raise RuntimeError("selective recompute: a block's forward was recomputed twice "
+                                   "(a second backward through it needs recompute.mode=full or retain_graph off)")
+            if entry is not _RECOMPUTE:
+                return _unpacked(entry)
+        return func(*args, **(kwargs or {}))
+
+
+class _ModuleFlag:
+    """True while a module's forward runs (set by hooks on it)."""
+
+    def __init__(self, module: nn.Module):
+        self.active = False
+        module.register_forward_pre_hook(lambda *_: setattr(self, "active", True))
+        module.register_forward_hook(lambda *_: setattr(self, "active", False), always_call=True)
+
+
+def _checkpointed(block: nn.Module, context_fn: Callable | None) -> Callable[..., Tensor]:
+    forward = block.forward
+    quantizer = getattr(block, "activation_quantizer", None)
+
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Tensor:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         options = {"context_fn": context_fn} if context_fn is not None else {}
-        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+        # The checkpoint saves its tensor inputs under the hooks active around it, before its own.
+        with quantizer.kept_input_scope() if quantizer is not None else contextlib.nullcontext():
+            return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
 
     return run
+
+
+def _selective_context_fn(block: nn.Module) -> Callable:
+    quantizer = getattr(block, "activation_quantizer", None)
+    keep = (lambda t: t) if quantizer is None else quantizer.pack_recompute_input
+    attention = _ReplayedAttention(block.attn.attn_fn,
+                                   (lambda t: t) if quantizer is None else quantizer.pack_replayed_output)
+    block.attn.attn_fn = attention
+    block.attn.register_forward_pre_hook(lambda *_: setattr(attention, "preparing_inputs", True))
+    final_projection = _ModuleFlag(block.ffn.w_down)
+    return lambda: _SelectiveCache(attention, final_projection, keep).contexts()
 
 
 def apply_recompute(model: nn.Module, cfg: RecomputeConfig) -> None:
@@ -81,9 +190,5 @@ def apply_recompute(model: nn.Module, cfg: RecomputeConfig) -> None:
     blocks = list(model.blocks)
     for index in cfg.selected(len(blocks)):
         block = blocks[index]
-        context_fn = None
-        if cfg.mode == "selective":
-            attention = _ReplayedAttention(block.attn.attn_fn)
-            block.attn.attn_fn = attention
-            context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy(attention))
-        block.forward = _checkpointed(block.forward, context_fn)
+        context_fn = _selective_context_fn(block) if cfg.mode == "selective" else None
+        block.forward = _checkpointed(block, context_fn)

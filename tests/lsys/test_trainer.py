@@ -83,7 +83,9 @@ def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
 @pytest.mark.parametrize("overrides", [
     ("parallel.cp_ring=2", "quant.activations=int8"),
     ("parallel.cp_ulysses=2", "quant.activations=int8", "recompute.mode=selective"),
-], ids=["ring2-int8", "ulysses2-int8-selective"])
+    ("parallel.cp_ring=2", "quant.activations=int8", "recompute.mode=selective"),
+    ("parallel.cp_ring=2", "quant.activations=int8", "recompute.mode=full"),
+], ids=["ring2-int8", "ulysses2-int8-selective", "ring2-int8-selective", "ring2-int8-full"])
 def test_int8_activations_keep_the_forward_exact_and_gradients_close(tmp_path, one_rank, overrides):
     result = run_ranks(_losses_and_grads, 2, tiny_config(tmp_path, *overrides))[0]
     torch.testing.assert_close(result["losses"][0], one_rank["losses"][0], rtol=1e-10, atol=0)

@@ -80,6 +80,18 @@ def test_stored_bytes_full_keeps_block_inputs_and_selective_less_than_none(basel
         assert stored["full"][outside_blocks] == stored["selective"][outside_blocks] == stored["none"][outside_blocks]
 
 
+def test_selective_keeps_no_output_that_backward_never_reads(baseline):
+    # q/k/v projections feed only the replayed attention; the feed-forward's output projection only the
+    # residual. v itself stays: attention saves it (allocated by wv).
+    kept = _step(RecomputeConfig("selective"))["stored"].bytes_by_path
+    for i in range(CFG.num_layers):
+        for unread in ("attn.wq", "attn.wk", "ffn.w_down"):
+            assert f"blocks.{i}.{unread}" not in kept
+        for read in ("attn.wv", "ffn.w_gate", "ffn.w_up"):  # saved by attention, SiLU, the product
+            assert kept[f"blocks.{i}.{read}"] == baseline["stored"].bytes_by_path[f"blocks.{i}.{read}"]
+        assert kept[f"blocks.{i}.attn.wo"] == BATCH * SEQ * CFG.hidden_size * 8  # the residual's recompute
+
+
 def test_every_and_first_select_blocks():
     assert RecomputeConfig("full").selected(4) == [0, 1, 2, 3]
     assert RecomputeConfig("full", every=2).selected(5) == [0, 2, 4]
