@@ -3,6 +3,7 @@ and validation that names the key, the value and the fix before any process star
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
+from parallel.tensor_parallel import check_tensor_parallel
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,6 +34,12 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
 
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size:
+        return cfg.ffn_hidden_size
+    return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
 
 @dataclass
 class PasskeyConfig:
@@ -237,13 +245,18 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     p.validate()
     cfg.recompute.validate()
     cfg.quant.validate()
-    _require(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not available yet; use parallel.tp=1")
+    if p.tp > 1:
+        check_tensor_parallel(m.num_heads, m.num_kv_heads, ffn_hidden_size(m), p.tp)
+        _require(not m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
+                 "tensor parallelism shards the embedding and the output head separately; set it to false")
     chunks = p.seq_chunks
     _require(d.seq_len % chunks == 0, "data.seq_len", d.seq_len,
-             f"must be divisible by {chunks} (cp_ring={p.cp_ring} x cp_ulysses={p.cp_ulysses}"
-             f"{' x 2 zigzag chunks' if chunks > p.cp else ''}); pick a multiple of {chunks}")
-    _require(m.num_heads % p.cp_ulysses == 0, "parallel.cp_ulysses", p.cp_ulysses,
-             f"must divide model.num_heads={m.num_heads}: Ulysses gives each rank whole heads")
+             f"must be divisible by {chunks} (cp_ring={p.cp_ring} x cp_ulysses={p.cp_ulysses} x tp={p.tp}"
+             f"{' x 2 zigzag chunks' if p.cp_layout == 'zigzag' and p.cp_ring > 1 else ''}); "
+             f"pick a multiple of {chunks}")
+    _require(m.num_heads % (p.cp_ulysses * p.tp) == 0, "parallel.cp_ulysses", p.cp_ulysses,
+             f"times parallel.tp={p.tp} must divide model.num_heads={m.num_heads}: Ulysses gives each rank whole "
+             "heads of the ones tensor parallelism left it")
     if world_size is not None:
         validate_for_world(cfg, world_size)
 

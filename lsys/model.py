@@ -16,15 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.attention import attention as local_attention
-from lsys.config import ModelConfig
+from lsys.config import ModelConfig, ffn_hidden_size
 
 AttnFn = Callable[..., Tensor]
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden_size:
-        return cfg.ffn_hidden_size
-    return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
 
 
 class RMSNorm(nn.Module):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lsys.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
@@ -26,6 +27,7 @@ from lsys.data import Batch, EvalTotals, Task, build_task
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes
 from lsys.model import build_model, count_parameters
 from lsys.session import Session, distributed_session
+from parallel.data_parallel import gradient_sync
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
 
@@ -93,7 +95,7 @@ class Trainer:
                              " raise it or use 0 for automatic")
         self.model_cfg = replace(cfg.model, vocab_size=vocab)
         self.model = build_model(self.model_cfg, self.device, DTYPES[cfg.train.param_dtype], cfg.train.seed)
-        self.wrapped = parallelize(self.model, cfg.parallel, self.mesh, self.device, cfg.recompute, cfg.quant)
+        parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -160,14 +162,15 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
-            with sync:
-                losses, _ = self._token_losses(self.wrapped, batch)
+            with gradient_sync(self.model, enabled=last):
+                losses, _ = self._token_losses(self.model, batch)
                 masked = (losses * batch.loss_mask.to(self.device)).sum()
                 (masked / global_tokens).backward()
             loss_sum += masked.detach().double()
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=self.mesh.replica_group)
@@ -228,7 +231,8 @@ class Trainer:
             save_config(cfg, self.run_dir)
             resumed = f", resumed from step {start}" if start else ""
             view.message(f"lsys: {count_parameters(self.model):,} parameters, {self.session.world_size} ranks "
-                         f"(dp={self.mesh.dp_size}, cp={self.mesh.cp_size}), {self.device.type}{resumed}")
+                         f"(dp={self.mesh.dp_size}, cp={self.mesh.cp_size}, tp={self.mesh.tp_size}), "
+                         f"{self.device.type}{resumed}")
         losses, evals, started = [], [], time.perf_counter()
         try:
             for step in range(start, end):

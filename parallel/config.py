@@ -32,9 +32,9 @@ class ParallelConfig:
 
     @property
     def seq_chunks(self) -> int:
-        """Sequence lengths must be multiples of this: zigzag cuts the ring axis into 2 x cp_ring chunks, and
-        each ring shard is cut again over the Ulysses ranks."""
-        return self.cp * (2 if self.cp_layout == "zigzag" and self.cp_ring > 1 else 1)
+        """Sequence lengths must be multiples of this: zigzag cuts the ring axis into 2 x cp_ring chunks, each
+        ring shard is cut again over the Ulysses ranks, and sequence parallelism cuts a rank's part over tp."""
+        return self.cp * self.tp * (2 if self.cp_layout == "zigzag" and self.cp_ring > 1 else 1)
 
     def resolved_dp(self, world_size: int) -> int:
         """The data-parallel degree for `world_size`, raising ValueError when the degrees cannot tile it."""

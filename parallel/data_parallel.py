@@ -1,35 +1,49 @@
-"""Data parallelism over every rank that holds the same parameters (dp x cp).
+"""Sharded data parallelism (FSDP2 `fully_shard`) over every rank that holds the same parameters (dp x cp).
 
-Gradients are SUMMED, not averaged: the training loss is already divided by the global token count, so
-the sum over replicas is the exact gradient of the global mean loss whatever the split of tokens.
+Context-parallel ranks hold the same parameters as data-parallel ones and need the same gradient sum, so they
+share one flattened "replica" mesh axis: parameters, gradients and optimizer state are sharded over all of them.
+With tensor parallelism the parameters are already DTensors on the "tp" axis; FSDP2 shards them again over the
+replica axis of the same mesh (2-D: replica x tp).
+
+Gradients are SUMMED, not averaged (divide factor 1): the training loss is already divided by the global
+token count, so the sum over replicas is the exact gradient of the global mean loss whatever the split.
+Each block is its own FSDP unit (its parameters all-gathered just before its forward and again before its
+backward, freed after), then the root takes the embedding, final norm and output head.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from parallel.transforms import mark_applied
 
 
-def _sum_allreduce_hook(group, bucket):
-    # Unannotated on purpose: DDP inspects the `bucket` annotation and rejects the string form that
-    # `from __future__ import annotations` produces. group: dist.ProcessGroup; bucket: dist.GradBucket.
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh) -> None:
+    """Shard `model` (blocks, then the root) over `replica_mesh`, in place."""
+    mark_applied(model, "data parallelism")
+    for block in model.blocks:
+        fully_shard(block, mesh=replica_mesh)
+    fully_shard(model, mesh=replica_mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM collective: fp32 would otherwise use PREMUL_SUM(1), which gloo lacks.
+            module.set_force_sum_reduction_for_comms(True)
 
 
-def replicate(model: nn.Module, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
-    """Wrap in DDP (bucketed all-reduce overlapped with backward) with summed gradients over `group`."""
-    ddp = DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        process_group=group,
-    )
-    ddp.register_comm_hook(group, _sum_allreduce_hook)
-    return ddp
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under any data-parallel wrapper."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Micro-batches before the last keep their gradients local (no reduce-scatter) and accumulate."""
+    if not isinstance(model, FSDPModule) or enabled:
+        yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

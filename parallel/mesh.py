@@ -27,7 +27,10 @@ class MeshInfo:
     cp_size: int
     ring_group: dist.ProcessGroup | None  # None when the degree is 1
     ulysses_group: dist.ProcessGroup | None
-    replica_group: dist.ProcessGroup  # every rank holding the same parameters: dp x cp (gradients sum here)
+    replica_mesh: DeviceMesh  # every rank holding the same parameters: dp x cp flattened (gradients sum here)
+    replica_group: dist.ProcessGroup
+    tp_size: int
+    tp_mesh: DeviceMesh
 
     @property
     def replica_size(self) -> int:
@@ -49,5 +52,8 @@ def build_mesh(cfg: ParallelConfig, device_type: str) -> MeshInfo:
         cp_size=cfg.cp,
         ring_group=mesh.get_group("cp_ring") if cfg.cp_ring > 1 else None,
         ulysses_group=mesh.get_group("cp_ulysses") if cfg.cp_ulysses > 1 else None,
+        replica_mesh=replica,
         replica_group=replica.get_group(),
+        tp_size=cfg.tp,
+        tp_mesh=mesh["tp"],
     )

@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
 from parallel.config import QuantConfig, RecomputeConfig
+from parallel.transforms import mark_applied
 
 SCOPES = ("attention", "attn", "ffn", "norm", "recompute", "block_input")
 # Tensors with fewer elements per row than this stay unquantized: row statistics cost more to range than to keep.
@@ -61,6 +63,27 @@ class _SavedView:
         p = self.packed
         values = dequantize_int8(p.codes, p.scale, p.shift, channel_dim=p.channel_dim, dtype=p.dtype)
         return values.view(self.shape)
+
+
+@dataclass
+class _SavedDTensor:
+    """A DTensor saved by a tensor-parallel module (parallel.tensor_parallel): its local shard is stored like
+    any tensor, and the DTensor is rebuilt around it on unpack."""
+
+    local: Any
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def unpack(self) -> Tensor:
+        local = self.local.unpack() if isinstance(self.local, _SavedView) else self.local
+        return DTensor.from_local(local, self.mesh, self.placements, run_check=False, shape=self.shape,
+                                  stride=self.stride)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _Site:
@@ -99,6 +122,7 @@ class BlockQuantizer:
 
     @staticmethod
     def _region(t: Tensor) -> tuple:
+        t = _local(t)
         return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype
 
     def is_shared(self, t: Tensor) -> bool:
@@ -124,6 +148,15 @@ class BlockQuantizer:
     def pack(self, t: Tensor, scope: str, wanted: Callable[[Tensor], bool]) -> Any:
         if not (t.is_floating_point() and t.dim() >= 2 and t.numel() and wanted(t)) or _is_weight(t):
             return t
+        if isinstance(t, DTensor):
+            local = t.to_local()
+            packed = self._pack_local(local, scope)
+            if packed is local:
+                return t
+            return _SavedDTensor(packed, t.device_mesh, t.placements, t.shape, t.stride())
+        return self._pack_local(t, scope)
+
+    def _pack_local(self, t: Tensor, scope: str) -> Any:
         if self.is_shared(t) and t.is_contiguous():
             return _SavedView(self._shared[self._region(t)][1], t.shape)
         layout = self._layout(t, scope)
@@ -168,7 +201,7 @@ class BlockQuantizer:
     @contextlib.contextmanager
     def scope(self, name: str, wanted: Callable[[Tensor], bool] = lambda t: True) -> Iterator[None]:
         def unpack(saved: Any) -> Tensor:
-            return saved.unpack() if isinstance(saved, _SavedView) else saved
+            return saved.unpack() if isinstance(saved, (_SavedView, _SavedDTensor)) else saved
 
         with torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, name, wanted), unpack):
             yield
@@ -227,10 +260,10 @@ class _QuantizedAttention:
 def _is_input_or_its_copy(reference: Tensor) -> Callable[[Tensor], bool]:
     """Whether a saved tensor is `reference` itself (or a view of its storage), or what a projection saves
     of it under autocast: a cast copy, possibly viewed, i.e. single-input autograd steps back to it."""
-    pointer, source = reference.untyped_storage().data_ptr(), reference.grad_fn
+    pointer, source = _local(reference).untyped_storage().data_ptr(), reference.grad_fn
 
     def check(t: Tensor) -> bool:
-        if t.untyped_storage().data_ptr() == pointer:
+        if _local(t).untyped_storage().data_ptr() == pointer:
             return True
         return source is not None and any(node is source for node in _single_input_chain(t))
 
@@ -246,6 +279,7 @@ def apply_activation_quantization(model: nn.Module, cfg: QuantConfig, recompute:
     """Store the selected kinds of saved activations of every block in int8, in place."""
     if cfg.activations == "none":
         return
+    mark_applied(model, "activation quantization")
     kinds = set(cfg.kinds)
     recomputed = set(recompute.selected(len(model.blocks)))
     for index, block in enumerate(model.blocks):

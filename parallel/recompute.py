@@ -30,10 +30,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from parallel.config import RecomputeConfig
+from parallel.transforms import mark_applied
 
 # Matmul outputs are kept: recomputing them would cost as much as the forward's matmuls.
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -70,13 +72,20 @@ class _ReplayedAttention:
 
 
 class _Placeholder:
-    """A matmul output backward never reads: only its layout is kept, zeros stand in on recompute."""
+    """A matmul output backward never reads: only its layout is kept, zeros stand in on recompute.
+    Under tensor parallelism the output is a DTensor: its local layout and its sharding are kept."""
 
     def __init__(self, t: Tensor):
-        self.size, self.stride, self.dtype, self.device = t.size(), t.stride(), t.dtype, t.device
+        local = t.to_local() if isinstance(t, DTensor) else t
+        self.size, self.stride, self.dtype, self.device = local.size(), local.stride(), local.dtype, local.device
+        self.spec = (t.device_mesh, t.placements, t.shape, t.stride()) if isinstance(t, DTensor) else None
 
     def unpack(self) -> Tensor:
-        return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=self.device).zero_()
+        zeros = torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=self.device).zero_()
+        if self.spec is None:
+            return zeros
+        mesh, placements, shape, stride = self.spec
+        return DTensor.from_local(zeros, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 _RECOMPUTE = object()
@@ -187,6 +196,7 @@ def apply_recompute(model: nn.Module, cfg: RecomputeConfig) -> None:
     """Make the selected blocks of `model.blocks` recompute in backward, in place."""
     if cfg.mode == "none":
         return
+    mark_applied(model, "recomputation")
     blocks = list(model.blocks)
     for index in cfg.selected(len(blocks)):
         block = blocks[index]

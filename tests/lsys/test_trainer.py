@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from launch.local import RankFailedError
 from lsys.config import LsysConfig, load_config, to_dict
@@ -31,6 +32,10 @@ def tiny_config(run_dir, *overrides: str) -> dict[str, Any]:
     return to_dict(load_config(None, [*base, *overrides]))
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _losses_and_grads(values: dict[str, Any]) -> dict[str, Any]:
     """Every step's loss and the gradients the optimizer saw at every step (after clipping)."""
     from lsys.config import config_from_dict
@@ -40,8 +45,9 @@ def _losses_and_grads(values: dict[str, Any]) -> dict[str, Any]:
         trainer = Trainer(cfg, session)
         grads: list[list[torch.Tensor]] = []
         params = list(trainer.model.parameters())
+        # Sharded (FSDP2, tensor-parallel) gradients are gathered whole: every rank joins, in the same order.
         trainer.optimizer.register_step_pre_hook(
-            lambda *_: grads.append([p.grad.detach().clone() for p in params])
+            lambda *_: grads.append([_whole(p.grad).detach().clone() for p in params])
         )
         losses = [trainer.train_step(step)["loss"] for step in range(cfg.train.steps)]
     return {"losses": losses, "grads": grads}
