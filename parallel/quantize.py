@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
@@ -83,7 +84,11 @@ class _SavedDTensor:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The plain tensor holding t's values here: a DTensor's shard; a collective's result once it arrived
+    (DTensor's redistributions return wrappers that wait lazily and have no storage of their own)."""
+    if isinstance(t, DTensor):
+        t = t._local_tensor
+    return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
 
 
 class _Site:
@@ -149,7 +154,7 @@ class BlockQuantizer:
         if not (t.is_floating_point() and t.dim() >= 2 and t.numel() and wanted(t)) or _is_weight(t):
             return t
         if isinstance(t, DTensor):
-            local = t.to_local()
+            local = _local(t)
             packed = self._pack_local(local, scope)
             if packed is local:
                 return t
@@ -157,6 +162,7 @@ class BlockQuantizer:
         return self._pack_local(t, scope)
 
     def _pack_local(self, t: Tensor, scope: str) -> Any:
+        t = _local(t)
         if self.is_shared(t) and t.is_contiguous():
             return _SavedView(self._shared[self._region(t)][1], t.shape)
         layout = self._layout(t, scope)

@@ -12,61 +12,19 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from launch.local import RankFailedError
-from lsys.config import LsysConfig, load_config, to_dict
+from lsys.config import LsysConfig
 from lsys.metrics import read_metrics
-from lsys.session import distributed_session
-from lsys.trainer import Trainer, learning_rate, sequence_length, train_from_dict
+from lsys.trainer import learning_rate, sequence_length, train_from_dict
 from tests.distributed import run_ranks
-
-
-def tiny_config(run_dir, *overrides: str) -> dict[str, Any]:
-    base = [
-        "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "data.task=passkey", "data.seq_len=32", "train.steps=3", "train.global_batch_size=4",
-        "train.param_dtype=float64", "train.compute_dtype=float64", "train.device=cpu", "train.log_every=1",
-        "train.eval_samples=8", "train.warmup_steps=1", f"train.run_dir={run_dir}",
-    ]
-    return to_dict(load_config(None, [*base, *overrides]))
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _losses_and_grads(values: dict[str, Any]) -> dict[str, Any]:
-    """Every step's loss and the gradients the optimizer saw at every step (after clipping)."""
-    from lsys.config import config_from_dict
-
-    cfg = config_from_dict(values)
-    with distributed_session("cpu", 60.0) as session:
-        trainer = Trainer(cfg, session)
-        grads: list[list[torch.Tensor]] = []
-        params = list(trainer.model.parameters())
-        # Sharded (FSDP2, tensor-parallel) gradients are gathered whole: every rank joins, in the same order.
-        trainer.optimizer.register_step_pre_hook(
-            lambda *_: grads.append([_whole(p.grad).detach().clone() for p in params])
-        )
-        losses = [trainer.train_step(step)["loss"] for step in range(cfg.train.steps)]
-    return {"losses": losses, "grads": grads}
-
-
-def assert_same_training(actual: dict[str, Any], expected: dict[str, Any]) -> None:
-    torch.testing.assert_close(actual["losses"], expected["losses"], rtol=1e-10, atol=1e-12)
-    assert len(actual["grads"]) == len(expected["grads"])
-    for step, (got, want) in enumerate(zip(actual["grads"], expected["grads"], strict=True)):
-        for index, (g, w) in enumerate(zip(got, want, strict=True)):
-            # Relative to the tensor's scale: entries near zero are sums that cancel, so carry no own scale.
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10 * w.abs().max().item(),
-                                       msg=lambda m, s=step, i=index: f"step {s} param {i}: {m}")
+from tests.lsys.harness import assert_same_training, losses_and_grads, tiny_config
 
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory) -> dict[str, Any]:
     """The single-process reference: 1 rank with the whole global batch."""
-    return run_ranks(_losses_and_grads, 1, tiny_config(tmp_path_factory.mktemp("ref")))[0]
+    return run_ranks(losses_and_grads, 1, tiny_config(tmp_path_factory.mktemp("ref")))[0]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -78,10 +36,12 @@ def one_rank(tmp_path_factory) -> dict[str, Any]:
     ("parallel.cp_ring=2", "recompute.mode=full"),
     ("parallel.cp_ulysses=2", "recompute.mode=selective", "train.micro_batch_size=2"),
     ("parallel.dp=2", "recompute.mode=full", "recompute.every=2"),
+    ("parallel.tp=2",),
+    ("parallel.tp=2", "recompute.mode=selective", "train.micro_batch_size=2"),
 ], ids=["dp2", "ring2-zigzag", "ring2-contiguous", "ulysses2", "ring2-selective", "ring2-full",
-        "ulysses2-selective-micro", "dp2-full-every2"])
+        "ulysses2-selective-micro", "dp2-full-every2", "tp2", "tp2-selective-micro"])
 def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
-    results = run_ranks(_losses_and_grads, 2, tiny_config(tmp_path, *overrides))
+    results = run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *overrides))
     for result in results:
         assert_same_training(result, one_rank)
 
@@ -91,9 +51,12 @@ def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
     ("parallel.cp_ulysses=2", "quant.activations=int8", "recompute.mode=selective"),
     ("parallel.cp_ring=2", "quant.activations=int8", "recompute.mode=selective"),
     ("parallel.cp_ring=2", "quant.activations=int8", "recompute.mode=full"),
-], ids=["ring2-int8", "ulysses2-int8-selective", "ring2-int8-selective", "ring2-int8-full"])
+    ("parallel.tp=2", "quant.activations=int8"),
+    ("parallel.tp=2", "quant.activations=int8", "recompute.mode=selective"),
+], ids=["ring2-int8", "ulysses2-int8-selective", "ring2-int8-selective", "ring2-int8-full", "tp2-int8",
+        "tp2-int8-selective"])
 def test_int8_activations_keep_the_forward_exact_and_gradients_close(tmp_path, one_rank, overrides):
-    result = run_ranks(_losses_and_grads, 2, tiny_config(tmp_path, *overrides))[0]
+    result = run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *overrides))[0]
     torch.testing.assert_close(result["losses"][0], one_rank["losses"][0], rtol=1e-10, atol=0)
     got, want = torch.cat([g.flatten() for g in result["grads"][0]]), torch.cat([g.flatten() for g in
                                                                                one_rank["grads"][0]])
@@ -101,7 +64,7 @@ def test_int8_activations_keep_the_forward_exact_and_gradients_close(tmp_path, o
 
 
 def test_micro_batches_accumulate_to_the_full_batch(tmp_path, one_rank):
-    result = run_ranks(_losses_and_grads, 1, tiny_config(tmp_path, "train.micro_batch_size=1"))[0]
+    result = run_ranks(losses_and_grads, 1, tiny_config(tmp_path, "train.micro_batch_size=1"))[0]
     assert_same_training(result, one_rank)
 
 
