@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up, then train the CPU demo on 2 local ranks) and `make test`.
+# Two entry points: `make demo` (set up, then train the CPU demo on 4 local ranks) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 # On CPU machines the exact CPU torch wheel is pinned for pip and its isolated build environments, so no
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/lsys train configs/demo.yaml --nproc 2
+	$(VENV)/bin/lsys train configs/demo.yaml --nproc 4
 
 lint: setup
 	$(VENV)/bin/ruff check .

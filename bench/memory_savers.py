@@ -44,7 +44,7 @@ MODES = {
     "selective+int8": ["recompute.mode=selective", "quant.activations=int8"],
     "full+int8": ["recompute.mode=full", "quant.activations=int8"],
 }
-COMMON = ["parallel.cp_ring=2", "train.device=cpu"]
+COMMON = ["parallel.dp=1", "parallel.cp_ring=2", "train.device=cpu"]
 
 
 def _config(mode: str, *extra: str):

@@ -56,20 +56,22 @@ def test_bad_override_is_rejected_before_any_rank_starts(tmp_path):
 def test_unknown_key_and_world_size_mismatch_name_the_fix(tmp_path):
     unknown = lsys("train", "configs/demo.yaml", "train.stepz=3")
     assert unknown.returncode == 2 and "train.stepz" in unknown.stderr
-    mismatch = lsys("train", "configs/demo.yaml", "--nproc", "3", "parallel.cp_ring=2", f"train.run_dir={tmp_path}")
-    assert mismatch.returncode == 2 and "not divisible by cp_ring*cp_ulysses*tp=2" in mismatch.stderr
+    mismatch = lsys("train", "configs/demo.yaml", "--nproc", "3", f"train.run_dir={tmp_path}")
+    assert mismatch.returncode == 2 and "= 4 ranks, but the world size is 3; set parallel.dp=-1" in mismatch.stderr
+    undivided = lsys("train", "configs/demo.yaml", "--nproc", "3", "parallel.dp=-1", f"train.run_dir={tmp_path}")
+    assert undivided.returncode == 2 and "not divisible by cp_ring*cp_ulysses*tp=2" in undivided.stderr
 
 
 def test_print_config_resolves_overrides_given_after_options():
-    result = lsys("train", "configs/demo.yaml", "--print-config", "--nproc", "2", "train.steps=7", "parallel.cp_ring=2")
+    result = lsys("train", "configs/demo.yaml", "--print-config", "--nproc", "2", "train.steps=7", "parallel.dp=1")
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["train"]["steps"] == 7 and resolved["parallel"]["cp_ring"] == 2
+    assert resolved["train"]["steps"] == 7 and resolved["parallel"]["dp"] == 1
     assert resolved["data"]["task"] == "passkey"
 
 
 def test_two_rank_context_parallel_run_writes_metrics_config_and_checkpoints(tmp_path):
-    result = lsys("train", "configs/demo.yaml", "--nproc", "2", *TINY, "parallel.cp_ring=2",
+    result = lsys("train", "configs/demo.yaml", "--nproc", "2", *TINY, "parallel.dp=1",
                   f"train.run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "dp=1, cp=2" in result.stderr and "final eval" in result.stderr
