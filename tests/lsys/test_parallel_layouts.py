@@ -89,3 +89,31 @@ def test_checkpoint_saved_in_one_layout_resumes_in_another(tmp_path, reshard):
     # Parameters and AdamW state come back resharded through torch.distributed.checkpoint: the resumed steps
     # repeat the uninterrupted run's losses (float64: equal up to summation order).
     torch.testing.assert_close(resumed["losses"], straight["losses"][2:], rtol=1e-10, atol=0)
+
+
+def _local_state_numel(values: dict[str, Any]) -> dict[str, int]:
+    from lsys.config import config_from_dict
+    from lsys.model import count_parameters
+    from lsys.session import distributed_session
+    from lsys.trainer import Trainer
+
+    cfg = config_from_dict(values)
+    with distributed_session("cpu", 60.0) as session:
+        trainer = Trainer(cfg, session)
+        trainer.train_step(0)
+        local = sum(p.to_local().numel() for p in trainer.model.parameters())
+        moments = sum(state["exp_avg"].to_local().numel() for state in trainer.optimizer.state.values())
+        total = count_parameters(trainer.model)
+    return {"local": local, "moments": moments, "total": total}
+
+
+@pytest.mark.parametrize(("layout", "shards"), [
+    (("parallel.dp=2", "parallel.cp_ring=2"), 4),
+    (("parallel.dp=2", "parallel.tp=2"), 4),
+])
+def test_parameters_and_optimizer_state_are_sharded_over_every_rank(tmp_path, layout, shards):
+    # FSDP2 shards over the replica axis (dp x cp), tensor parallelism over tp: each rank keeps about
+    # 1/shards of the parameters and of AdamW's moments (dim-0 shards are padded to equal sizes).
+    for result in run_ranks(_local_state_numel, 4, tiny_config(tmp_path, *layout)):
+        assert result["local"] == result["moments"]
+        assert result["total"] / shards <= result["local"] <= 1.2 * result["total"] / shards

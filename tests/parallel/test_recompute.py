@@ -130,3 +130,16 @@ def test_selective_never_reruns_attention(mode, calls_per_block):
     tokens, positions = torch.zeros(2, 16, dtype=torch.long), torch.arange(16).expand(2, 16)
     model(tokens, positions).sum().backward()
     assert len(calls) == calls_per_block * CFG.num_layers
+
+
+def test_each_transform_refuses_to_run_twice():
+    from parallel.config import QuantConfig
+    from parallel.quantize import apply_activation_quantization
+
+    model = build_model(CFG, torch.device("cpu"), torch.float32, seed=0)
+    apply_activation_quantization(model, QuantConfig("int8"), RecomputeConfig("selective"))
+    apply_recompute(model, RecomputeConfig("selective"))
+    with pytest.raises(ValueError, match="recomputation was already applied"):
+        apply_recompute(model, RecomputeConfig("full"))
+    with pytest.raises(ValueError, match="activation quantization was already applied"):
+        apply_activation_quantization(model, QuantConfig("int8"), RecomputeConfig("selective"))
