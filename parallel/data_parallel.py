@@ -14,6 +14,8 @@ backward, freed after), then the root takes the embedding, final norm and output
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
@@ -26,6 +28,12 @@ from parallel.transforms import mark_applied
 def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh) -> None:
     """Shard `model` (blocks, then the root) over `replica_mesh`, in place."""
     mark_applied(model, "data parallelism")
+    # The root returns the logits, a view when tensor parallelism hands back its local shard; FSDP2 warns in
+    # case the caller modifies it in place, which the trainer never does.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # The global gradient norm over replica x tp DTensors is reduced over both axes in two steps, one scalar
+    # each; DTensor logs that as a performance hint on every rank at every step.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     for block in model.blocks:
         fully_shard(block, mesh=replica_mesh)
     fully_shard(model, mesh=replica_mesh)
