@@ -12,7 +12,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
-from parallel.tensor_parallel import check_tensor_parallel
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,11 +34,11 @@ class ModelConfig:
     tie_embeddings: bool = False
 
 
-
 def ffn_hidden_size(cfg: ModelConfig) -> int:
     if cfg.ffn_hidden_size:
         return cfg.ffn_hidden_size
     return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+
 
 @dataclass
 class PasskeyConfig:
@@ -246,7 +245,7 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     cfg.recompute.validate()
     cfg.quant.validate()
     if p.tp > 1:
-        check_tensor_parallel(m.num_heads, m.num_kv_heads, ffn_hidden_size(m), p.tp)
+        p.check_tensor_parallel(m.num_heads, m.num_kv_heads, ffn_hidden_size(m))
         _require(not m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
                  "tensor parallelism shards the embedding and the output head separately; set it to false")
     chunks = p.seq_chunks

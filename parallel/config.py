@@ -54,6 +54,16 @@ class ParallelConfig:
             )
         return self.dp
 
+    def check_tensor_parallel(self, num_heads: int, num_kv_heads: int, ffn_hidden: int) -> None:
+        """Raises ValueError when the model cannot be split over `tp` ranks (each rank gets whole heads)."""
+        for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if value % self.tp:
+                raise ValueError(f"parallel.tp={self.tp}: must divide model.{key}={value}, since tensor parallelism "
+                                 "gives each rank whole heads; pick a degree that divides both head counts")
+        if ffn_hidden % self.tp:
+            raise ValueError(f"parallel.tp={self.tp}: must divide the feed-forward width {ffn_hidden} "
+                             "(model.ffn_hidden_size); pick a degree that divides it")
+
     def validate(self) -> None:
         for key in ("cp_ring", "cp_ulysses", "tp"):
             value = getattr(self, key)

@@ -153,16 +153,15 @@ class BlockQuantizer:
     def pack(self, t: Tensor, scope: str, wanted: Callable[[Tensor], bool]) -> Any:
         if not (t.is_floating_point() and t.dim() >= 2 and t.numel() and wanted(t)) or _is_weight(t):
             return t
+        local = _local(t)
+        packed = self._pack_local(local, scope)
+        if packed is local:
+            return t
         if isinstance(t, DTensor):
-            local = _local(t)
-            packed = self._pack_local(local, scope)
-            if packed is local:
-                return t
             return _SavedDTensor(packed, t.device_mesh, t.placements, t.shape, t.stride())
-        return self._pack_local(t, scope)
+        return packed
 
     def _pack_local(self, t: Tensor, scope: str) -> Any:
-        t = _local(t)
         if self.is_shared(t) and t.is_contiguous():
             return _SavedView(self._shared[self._region(t)][1], t.shape)
         layout = self._layout(t, scope)

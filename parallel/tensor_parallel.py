@@ -33,17 +33,6 @@ from parallel.transforms import mark_applied
 _GATHER_ACTIVATION = {"input_layouts": (Shard(1), None, None), "desired_input_layouts": (Replicate(), None, None)}
 
 
-def check_tensor_parallel(num_heads: int, num_kv_heads: int, ffn_hidden: int, tp: int) -> None:
-    """Raises ValueError when the model cannot be split over `tp` ranks."""
-    for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if value % tp:
-            raise ValueError(f"parallel.tp={tp}: must divide model.{key}={value}, since tensor parallelism gives "
-                             "each rank whole heads; pick a degree that divides both head counts")
-    if ffn_hidden % tp:
-        raise ValueError(f"parallel.tp={tp}: must divide the feed-forward width {ffn_hidden} "
-                         "(model.ffn_hidden_size); pick a degree that divides it")
-
-
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `model`'s parameters over `tp_mesh` in place; activations between blocks become [B, S/tp, hidden]."""
     mark_applied(model, "tensor parallelism")
