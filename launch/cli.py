@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
+
+from launch import ray_cli
 
 CONFIG_HELP = (
     "CONFIG is a YAML file (see configs/); each OVERRIDE is key=value with a dotted key, e.g. "
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of the commands below; `lsys COMMAND --help` lists its options")
     _add_train(sub)
+    ray_cli.add_commands(sub, CONFIG_HELP)
     _add_prepare_data(sub)
     return parser
 
@@ -91,7 +93,6 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             print(exc.detail, file=sys.stderr, end="")
             return 1
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
-        Path(cfg.train.run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         for record in summary["evals"][-1:]:
             console.print("final eval: " + json.dumps(record))
     return 0
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if late_overrides:
         args.overrides = [*args.overrides, *late_overrides]
     console = Console(stderr=True, soft_wrap=True)  # errors stay one greppable line
+    if args.command in ("submit", "jobs", "cluster"):
+        return ray_cli.main_for(args.command)(args, console, _invalid)
     handlers = {"train": _train, "prepare-data": _prepare_data}
     return handlers[args.command](args, console)
 

@@ -16,6 +16,7 @@ from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("passkey", "mqar", "text")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -103,6 +104,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 64
     exit_at_step: int = 0  # stop cleanly (after a checkpoint) at this step, to resume later; 0: run to the end
+    # Fault injection, to rehearse restarts: rank `fail_rank` dies abruptly (no cleanup, like a lost machine)
+    # when about to train step `fail_at_step`, once per run directory; 0: never.
+    fail_at_step: int = 0
+    fail_rank: int = 1
     collective_timeout_s: float = 300.0
     run_dir: str = "runs/default"
 
@@ -115,6 +120,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """How `lsys submit` runs the job on Ray: one Ray Train worker per rank (ignored by `lsys train`)."""
+
+    num_workers: int = 1  # ranks; the parallel degrees must tile this
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 0: CPU workers (gloo); 1: one GPU per rank (NCCL)
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {node_a: 1}
+    placement_strategy: str = "PACK"  # of the workers over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD
+    max_failures: int = 0  # worker-group restarts (from the last complete checkpoint) after a failure; -1: no limit
+
+
+@dataclass
 class LsysConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +140,7 @@ class LsysConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -237,10 +255,14 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
              f"use 0 (run to the end) or a step in [1, train.steps={t.steps}]")
     _require(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "must be positive")
     _require(bool(t.run_dir), "train.run_dir", t.run_dir, "set a directory for metrics and checkpoints")
+    _require(0 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
+             f"use 0 (no injected failure) or a step in [1, train.steps={t.steps}]")
+    _require(t.fail_rank >= 0, "train.fail_rank", t.fail_rank, "must be a rank number (0 or more)")
 
     _require(c.every >= 0, "checkpoint.every", c.every, "use 0 (only at the end) or a positive interval")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "keep at least one checkpoint")
 
+    _validate_cluster(cfg.cluster)
     p.validate()
     cfg.recompute.validate()
     cfg.quant.validate()
@@ -258,6 +280,28 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
              "heads of the ones tensor parallelism left it")
     if world_size is not None:
         validate_for_world(cfg, world_size)
+
+
+def _validate_cluster(k: ClusterConfig) -> None:
+    _require(k.num_workers >= 1, "cluster.num_workers", k.num_workers, "run at least one worker")
+    _require(k.cpus_per_worker >= 0, "cluster.cpus_per_worker", k.cpus_per_worker, "must be non-negative")
+    _require(k.gpus_per_worker >= 0, "cluster.gpus_per_worker", k.gpus_per_worker, "must be non-negative")
+    for name, amount in k.resources_per_worker.items():
+        _require(name not in ("CPU", "GPU") and amount > 0, f"cluster.resources_per_worker.{name}", amount,
+                 "give custom resources a positive amount; CPUs and GPUs have their own keys")
+    _require(k.placement_strategy in PLACEMENT_STRATEGIES, "cluster.placement_strategy", k.placement_strategy,
+             f"choose one of {', '.join(PLACEMENT_STRATEGIES)}")
+    _require(k.max_failures >= -1, "cluster.max_failures", k.max_failures, "use -1 (no limit), 0 or a count")
+
+
+def validate_for_cluster(cfg: LsysConfig) -> None:
+    """Checks for a Ray job (`lsys submit`): the cluster section and the rest of the config agree."""
+    k, device = cfg.cluster, cfg.train.device
+    _require(not (device == "cpu" and k.gpus_per_worker), "cluster.gpus_per_worker", k.gpus_per_worker,
+             "train.device=cpu trains on CPU: set it to 0, or train.device=auto to use the GPUs")
+    _require(not (device == "cuda" and not k.gpus_per_worker), "cluster.gpus_per_worker", k.gpus_per_worker,
+             "train.device=cuda needs a GPU per worker on Ray: set it to 1")
+    validate_for_world(cfg, k.num_workers)
 
 
 def validate_for_world(cfg: LsysConfig, world_size: int) -> None:

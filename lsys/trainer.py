@@ -9,7 +9,9 @@ gradients are summed. The result is the exact gradient of the global mean loss f
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -221,6 +223,19 @@ class Trainer:
             return 0
         return load_checkpoint(found[1], self.model, self.optimizer)
 
+    def _maybe_fail(self, step: int) -> None:
+        """train.fail_at_step: die like a lost machine (no exception, no cleanup), once per run directory; the
+        marker is written first so the restarted run goes past this step."""
+        t = self.cfg.train
+        if step + 1 != t.fail_at_step or self.session.rank != t.fail_rank:
+            return
+        marker = self.run_dir / f"injected_failure_step{t.fail_at_step}_rank{t.fail_rank}"
+        if marker.exists():
+            return
+        marker.write_text(f"rank {t.fail_rank} exited on purpose before step {t.fail_at_step}\n")
+        print(f"lsys: train.fail_at_step={t.fail_at_step}: rank {t.fail_rank} exits now", flush=True)
+        os._exit(17)
+
     def run(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.session.is_main
         start = self._resume()
@@ -236,6 +251,7 @@ class Trainer:
         losses, evals, started = [], [], time.perf_counter()
         try:
             for step in range(start, end):
+                self._maybe_fail(step)
                 record = self.train_step(step)
                 losses.append(record["loss"])
                 done = step + 1
@@ -260,8 +276,11 @@ class Trainer:
             if writer:
                 writer.close()
         wall = time.perf_counter() - started
-        return {"start_step": start, "end_step": end, "losses": losses, "evals": evals, "wall_time_s": wall,
-                "peak_memory_bytes": self._peak_memory_per_rank(), "run_dir": str(self.run_dir)}
+        summary = {"start_step": start, "end_step": end, "losses": losses, "evals": evals, "wall_time_s": wall,
+                   "peak_memory_bytes": self._peak_memory_per_rank(), "run_dir": str(self.run_dir)}
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
 
 def train(cfg: LsysConfig) -> dict[str, Any]:

@@ -3,40 +3,28 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from launch.cli import build_parser, main
+from tests.commands import TINY, lsys
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "data.seq_len=32",
-    "data.curriculum.start_len=0", "train.steps=4", "train.global_batch_size=4", "train.log_every=2",
-    "train.eval_every=2", "train.eval_samples=8", "checkpoint.every=2", "train.device=cpu",
-]
+COMMANDS = [[], ["train"], ["submit"], ["jobs"], ["jobs", "list"], ["jobs", "logs"], ["jobs", "stop"], ["cluster"],
+            ["cluster", "start"], ["prepare-data"]]
 
 
-def lsys(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.mark.parametrize("command", [[], ["train"], ["prepare-data"]], ids=["lsys", "train", "prepare-data"])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda words: "-".join(words) or "lsys")
 def test_help_describes_every_option(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices
-    if command:
-        parser = commands[command[0]]
-    else:
-        assert all(name in text for name in commands)
+    for word in command:
+        parser = parser._subparsers._group_actions[0].choices[word]
+    if parser._subparsers is not None:
+        assert all(name in text for name in parser._subparsers._group_actions[0].choices)
     for action in parser._actions:
         if action.help == "==SUPPRESS==":
             continue

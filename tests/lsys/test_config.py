@@ -4,7 +4,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lsys.config import LsysConfig, config_from_dict, load_config, save_config, to_dict, validate
+from lsys.config import (
+    LsysConfig,
+    config_from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    validate,
+    validate_for_cluster,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -16,6 +24,7 @@ def test_every_preset_loads_and_validates(name):
     # The rank count the preset's header tells users to launch with must be one it accepts.
     launched = re.search(r"--nproc (\d+)", (CONFIGS / name).read_text())
     validate(cfg, int(launched.group(1)) if launched else 1)
+    validate_for_cluster(cfg)  # and `lsys submit` runs it as it is
 
 
 def test_overrides_are_typed_and_applied():

@@ -1,0 +1,255 @@
+"""The embedded Ray cluster: a head (plus, to rehearse multi-node runs, more nodes) on this machine, loopback only.
+
+`lsys submit` without an address starts one or reuses the running one; `lsys cluster start|status|stop` manage it
+by hand. A small daemon process owns the Ray nodes and records how to reach them in `LSYS_HOME/cluster/state.json`.
+
+Why a daemon built on `ray.cluster_utils.Cluster` and not `ray start`: `ray start --node-ip-address=127.0.0.1`
+rewrites a loopback address to the machine's external one, after which the dashboard agent cannot reach the GCS
+and the Jobs API times out. Nodes created in-process with `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keep every socket
+on 127.0.0.1, and one process can add a second node that joins the head as a separate raylet.
+
+Security: every server binds to 127.0.0.1 and the cluster runs in token auth mode with a fresh token in a 0600
+file; clients of this cluster (this CLI, job drivers, workers) present it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+STARTUP_TIMEOUT_S = 120.0
+
+
+def lsys_home() -> Path:
+    """Where lsys keeps cluster state and archived jobs: $LSYS_HOME, default ~/.lsys."""
+    return Path(os.environ.get("LSYS_HOME") or Path.home() / ".lsys")
+
+
+def cluster_dir(home: Path) -> Path:
+    return home / "cluster"
+
+
+def client_environment(home: Path) -> dict[str, str]:
+    """Variables a Ray client of the embedded cluster needs: explicit token auth, and no rewriting of 127.0.0.1
+    into an external address."""
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(cluster_dir(home) / "token"),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    pid: int
+    gcs_address: str
+    dashboard_url: str
+    num_nodes: int
+    cpus_per_node: int
+    gpus: int  # all on the head
+    stop_when_idle_s: float  # 0: keep running until `lsys cluster stop`
+    started_at: float
+
+
+def _state_path(home: Path) -> Path:
+    return cluster_dir(home) / "state.json"
+
+
+def _alive(pid: int) -> bool:
+    """A daemon that exited stays a zombie until its parent (maybe this process) reaps it: that is not alive."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def running_cluster(home: Path) -> ClusterState | None:
+    """The embedded cluster recorded under `home` if its daemon is still alive (stale records are removed)."""
+    path = _state_path(home)
+    try:
+        state = ClusterState(**json.loads(path.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+    if not _alive(state.pid):
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def start_cluster(home: Path, *, num_nodes: int = 1, cpus_per_node: int | None = None, dashboard_port: int = 0,
+                  stop_when_idle_s: float = 0.0) -> ClusterState:
+    """Start the daemon and wait until the Jobs API answers. Raises RuntimeError (with the daemon's log tail) if
+    it does not come up, and refuses when a cluster is already running under `home`."""
+    if running_cluster(home) is not None:
+        raise RuntimeError(f"an embedded cluster is already running (LSYS_HOME={home}); `lsys cluster stop` first")
+    if num_nodes < 1:
+        raise ValueError(f"--nodes={num_nodes}: start at least one node")
+    directory = cluster_dir(home)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = directory / "token"
+    token.unlink(missing_ok=True)
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    command = [sys.executable, "-m", "launch.ray_cluster", "--home", str(home), "--nodes", str(num_nodes),
+               "--dashboard-port", str(dashboard_port), "--stop-when-idle", str(stop_when_idle_s)]
+    if cpus_per_node is not None:
+        command += ["--cpus-per-node", str(cpus_per_node)]
+    log = directory / "daemon.log"
+    with log.open("w") as out:
+        # Its own session: Ctrl-C in the terminal that submitted a job must not take the cluster down with it.
+        daemon = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, env={**os.environ, **client_environment(home)})
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = running_cluster(home)
+        if state is not None and state.pid == daemon.pid:
+            return state
+        if daemon.poll() is not None:
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(daemon.pid, signal.SIGTERM)
+    tail = "\n".join(log.read_text().splitlines()[-20:])
+    raise RuntimeError(f"the embedded Ray cluster did not start (log: {log}):\n{tail}")
+
+
+def stop_cluster(home: Path, timeout_s: float = 60.0) -> bool:
+    """Ask the daemon to archive its jobs and shut its nodes down; False if none was running."""
+    state = running_cluster(home)
+    if state is None:
+        return False
+    os.kill(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(state.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(state.pid):
+        os.killpg(state.pid, signal.SIGKILL)
+    _state_path(home).unlink(missing_ok=True)
+    return True
+
+
+def check_fits(num_nodes: int, cpus_per_node: int, gpus: int, workers: int, cpus: float, gpu_each: float) -> None:
+    """ValueError unless `workers` workers of `cpus` CPUs and `gpu_each` GPUs can run at once on an embedded
+    cluster of this shape: Ray would otherwise wait for resources forever."""
+    per_node = int(cpus_per_node // cpus) if cpus else workers
+    if workers > per_node * num_nodes:
+        raise ValueError(f"cluster.cpus_per_worker={cpus:g}: {workers} workers need {workers * cpus:g} CPUs but the "
+                         f"embedded cluster has {num_nodes} node(s) x {cpus_per_node} CPUs; lower it to "
+                         f"{cpus_per_node * num_nodes / workers:g} or start the cluster with more nodes or CPUs")
+    if gpu_each and workers * gpu_each > gpus:
+        raise ValueError(f"cluster.gpus_per_worker={gpu_each:g}: {workers} workers need {workers * gpu_each:g} GPUs "
+                         f"but this machine has {gpus}; lower cluster.num_workers and the parallel degrees")
+
+
+def planned_shape(home: Path, num_nodes: int) -> tuple[int, int, int]:
+    """(nodes, CPUs per node, GPUs) of the running embedded cluster, or of the one `start_cluster` would start."""
+    state = running_cluster(home)
+    if state is not None:
+        return state.num_nodes, state.cpus_per_node, state.gpus
+    return num_nodes, os.cpu_count() or 1, gpus_on_this_machine()
+
+
+# -- the daemon ---------------------------------------------------------------------------------------------
+
+
+def gpus_on_this_machine() -> int:
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+    return NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
+
+
+def _node_args(cpus: int, gpus: int) -> dict:
+    return {"node_ip_address": LOOPBACK, "num_cpus": cpus, "num_gpus": gpus,
+            "object_store_memory": 300 * 2**20}  # tensors travel over torch.distributed, not the object store
+
+
+def _wait_for_jobs_api(url: str) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        try:
+            JobSubmissionClient(url).list_jobs()
+            return
+        except Exception:  # the dashboard answers with various errors while it starts
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _idle_since(url: str, since: float | None) -> float | None:
+    """When the cluster last became idle (every job finished, at least one submitted); None while busy."""
+    from launch.ray_jobs import TERMINAL, list_job_infos
+
+    jobs = list_job_infos(url)
+    if not jobs or any(job.status not in TERMINAL for job in jobs):
+        return None
+    return since if since is not None else time.monotonic()
+
+
+def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, stop_when_idle_s: float) -> None:
+    from ray.cluster_utils import Cluster
+
+    from launch.local import free_port
+    from launch.ray_jobs import archive_jobs
+
+    stop = threading.Event()
+    port = dashboard_port or free_port()
+    gpus = gpus_on_this_machine()
+    head = {**_node_args(cpus_per_node, gpus), "include_dashboard": True,
+            "dashboard_host": LOOPBACK, "dashboard_port": port}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        for _ in range(num_nodes - 1):
+            cluster.add_node(**_node_args(cpus_per_node, 0))
+        # After the nodes: Ray's own handler would drain for 30 s and skip the archive.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        url = f"http://{LOOPBACK}:{port}"
+        _wait_for_jobs_api(url)
+        state = ClusterState(os.getpid(), cluster.address, url, num_nodes, cpus_per_node, gpus, stop_when_idle_s,
+                             time.time())
+        tmp = _state_path(home).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state)))
+        tmp.replace(_state_path(home))
+        print(f"lsys: embedded Ray cluster up: {num_nodes} node(s), GCS {cluster.address}, jobs API {url}", flush=True)
+        idle_since = None
+        while not stop.wait(1.0):
+            if stop_when_idle_s:
+                idle_since = _idle_since(url, idle_since)
+                if idle_since is not None and time.monotonic() - idle_since > stop_when_idle_s:
+                    print("lsys: every job has finished; stopping the embedded cluster", flush=True)
+                    break
+        archive_jobs(url, home)
+    finally:
+        _state_path(home).unlink(missing_ok=True)
+        cluster.shutdown()
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="lsys embedded Ray cluster daemon (started by `lsys`)")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--cpus-per-node", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dashboard-port", type=int, default=0)
+    parser.add_argument("--stop-when-idle", type=float, default=0.0)
+    args = parser.parse_args()
+    serve(args.home, args.nodes, args.cpus_per_node, args.dashboard_port, args.stop_when_idle)
+
+
+if __name__ == "__main__":
+    _main()

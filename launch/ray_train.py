@@ -1,0 +1,101 @@
+"""The entry point of an `lsys submit` job: a Ray Train worker group, one worker per rank, running lsys.trainer.
+
+Ray Train owns the rendezvous (it creates the torch process group: gloo for CPU workers, NCCL for GPU workers,
+with the config's collective timeout) and the restarts: when a worker dies, the whole group is torn down and
+started again up to cluster.max_failures times, and each new group resumes from the newest complete checkpoint
+in train.run_dir (directories still being written are never used, see lsys.checkpoint).
+
+Run by the Jobs API as `python -m launch.ray_train`, with the validated config in $LSYS_JOB_CONFIG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from launch.ray_jobs import CONFIG_ENV
+
+
+def _record_placement(run_dir: Path, rank: int) -> None:
+    """run_dir/workers/rankN.json: where each rank of the latest attempt runs (node, process)."""
+    import ray
+
+    directory = run_dir / "workers"
+    directory.mkdir(parents=True, exist_ok=True)
+    where = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+             "pid": os.getpid()}
+    (directory / f"rank{rank}.json").write_text(json.dumps(where))
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One rank, inside the process group Ray Train has set up."""
+    import ray.train
+
+    from lsys.config import config_from_dict
+    from lsys.trainer import train
+
+    cfg = config_from_dict(loop_config["config"])
+    _record_placement(Path(cfg.train.run_dir), ray.train.get_context().get_world_rank())
+    train(cfg)
+
+
+def build_trainer(values: dict[str, Any]):
+    """A TorchTrainer for the config dict `values` (already validated for cluster.num_workers ranks)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsys.config import config_from_dict
+
+    cfg = config_from_dict(values)
+    k, run_dir = cfg.cluster, Path(cfg.train.run_dir)
+    use_gpu = k.gpus_per_worker > 0
+    resources = {"CPU": k.cpus_per_worker, **k.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = k.gpus_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": values},
+        torch_config=TorchConfig(timeout_s=int(cfg.train.collective_timeout_s)),
+        scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=k.placement_strategy),
+        # Ray Train's own run state lands in the run directory, beside lsys' metrics and checkpoints.
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=k.max_failures)),
+    )
+
+
+def warn_if_short(cfg) -> None:
+    """Ray Train waits until the worker group fits; say so when this cluster cannot hold it now (an autoscaler
+    may still add nodes), instead of leaving the user with a job that silently never starts."""
+    import ray
+
+    k = cfg.cluster
+    need = {"CPU": k.cpus_per_worker, "GPU": k.gpus_per_worker, **k.resources_per_worker}
+    have = ray.cluster_resources()
+    short = {name: (amount * k.num_workers, have.get(name, 0)) for name, amount in need.items()
+             if amount * k.num_workers > have.get(name, 0)}
+    if short:
+        wanted = ", ".join(f"{name} {want:g} (cluster has {got:g})" for name, (want, got) in short.items())
+        print(f"lsys: waiting for resources: {k.num_workers} workers need {wanted}; unless an autoscaler adds "
+              "nodes, stop the job and lower cluster.num_workers / cluster.*_per_worker", flush=True)
+
+
+def main() -> None:
+    from lsys.config import config_from_dict, validate, validate_for_cluster
+
+    values = json.loads(os.environ[CONFIG_ENV])
+    cfg = config_from_dict(values)
+    validate(cfg)  # the submitter validated it; a hand-made job gets the same checks
+    validate_for_cluster(cfg)
+    import ray
+
+    ray.init()  # the job's cluster, from RAY_ADDRESS
+    warn_if_short(cfg)
+    build_trainer(values).fit()
+
+
+if __name__ == "__main__":
+    main()

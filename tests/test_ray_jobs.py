@@ -1,0 +1,66 @@
+"""`lsys submit` on Ray, end to end on this machine (loopback only): bad configs fail before anything starts, and
+an injected worker death is survived by a restart that trains exactly what an uninterrupted run trains."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from launch.ray_cluster import running_cluster
+from lsys.metrics import read_metrics
+from tests.commands import TINY, lsys
+
+pytestmark = pytest.mark.slow
+
+# fp64: the Ray workers and `lsys train` ranks may use different thread counts; only rounding would differ.
+RUN = [*TINY, "parallel.dp=1", "parallel.cp_ring=2", "cluster.num_workers=2", "train.steps=6", "train.log_every=1",
+       "train.param_dtype=float64", "train.compute_dtype=float64"]
+
+
+def test_bad_configs_fail_before_any_cluster_starts(tmp_path):
+    home = tmp_path / "home"
+    started = time.monotonic()
+    mismatch = lsys("submit", "configs/demo.yaml", "cluster.num_workers=3", home=home)
+    assert mismatch.returncode == 2
+    assert "= 4 ranks, but the world size is 3; set parallel.dp=-1" in mismatch.stderr
+    gpu_on_cpu = lsys("submit", "configs/demo.yaml", "cluster.num_workers=4", "train.device=cpu",
+                      "cluster.gpus_per_worker=1", home=home)
+    assert gpu_on_cpu.returncode == 2 and "cluster.gpus_per_worker=1.0: train.device=cpu" in gpu_on_cpu.stderr
+    too_big = lsys("submit", "configs/demo.yaml", "cluster.cpus_per_worker=64", home=home)
+    assert too_big.returncode == 2 and "cluster.cpus_per_worker=64: 4 workers need 256 CPUs" in too_big.stderr
+    remote = lsys("submit", "configs/demo.yaml", "cluster.num_workers=4", "--address", "http://127.0.0.1:9",
+                  "train.run_dir=runs/relative", home=home)
+    assert remote.returncode == 2 and "needs an absolute path on storage its nodes share" in remote.stderr
+    assert time.monotonic() - started < 40  # four CLI starts; no cluster, no worker
+    assert not home.exists()
+
+
+def _step_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_path):
+    home, faulted, reference = tmp_path / "home", tmp_path / "faulted", tmp_path / "reference"
+    result = lsys("submit", "configs/demo.yaml", *RUN, "cluster.max_failures=1", "train.fail_at_step=4",
+                  f"train.run_dir={faulted}", "--follow", home=home, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    job_id = result.stdout.splitlines()[0]
+    assert "SUCCEEDED" in result.stderr
+    # Rank 1 died before step 4; the restarted group resumed from the checkpoint of step 2.
+    assert (faulted / "injected_failure_step4_rank1").exists()
+    assert "resumed from step 2" in result.stdout
+    # The embedded cluster this submit started is gone, its job archived and still listed.
+    assert running_cluster(home) is None
+    listed = lsys("jobs", "list", "--json", home=home)
+    assert [(j["submission_id"], j["status"]) for j in json.loads(listed.stdout)] == [(job_id, "SUCCEEDED")]
+    assert "resumed from step 2" in lsys("jobs", "logs", job_id, home=home).stdout
+
+    local = lsys("train", "configs/demo.yaml", "--nproc", "2", *RUN, f"train.run_dir={reference}")
+    assert local.returncode == 0, local.stderr
+    expected, got = _step_losses(reference), _step_losses(faulted)
+    assert sorted(got) == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)], dtype=torch.float64),
+                               torch.tensor([expected[s] for s in sorted(got)], dtype=torch.float64))
