@@ -62,6 +62,8 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
     start.add_argument("--nodes", type=int, default=1, help="Ray nodes to start (default 1)")
     start.add_argument("--cpus-per-node", type=int, default=None, help="logical CPUs per node (default: all cores)")
     start.add_argument("--dashboard-port", type=int, default=0, help="dashboard / Jobs API port (default: a free one)")
+    start.add_argument("--stop-when-idle", type=float, default=0.0, metavar="SECONDS",
+                       help="stop once no job has been waiting or running for this long (default 0: never)")
     cactions.add_parser("status", help="whether it runs, and its addresses")
     cactions.add_parser("stop", help="archive its jobs and shut it down")
 
@@ -116,6 +118,9 @@ def submit(args: argparse.Namespace, console: Console, invalid) -> int:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     embedded = not address
+    home, started = lsys_home(), False
+    if embedded:
+        _embedded_env(home)  # before anything imports ray: it reads the auth mode once
     try:
         cfg = load_config(args.config, args.overrides)
         validate_for_cluster(cfg)
@@ -125,12 +130,10 @@ def submit(args: argparse.Namespace, console: Console, invalid) -> int:
             raise ValueError(f"--nodes={args.nodes}: start at least one node")
         if embedded:
             k = cfg.cluster
-            check_fits(*planned_shape(lsys_home(), args.nodes), k.num_workers, k.cpus_per_worker, k.gpus_per_worker)
+            check_fits(*planned_shape(home, args.nodes), k.num_workers, k.cpus_per_worker, k.gpus_per_worker)
     except ValueError as exc:
         return invalid(console, exc)
-    home, started = lsys_home(), False
     if embedded:
-        _embedded_env(home)
         state = running_cluster(home)
         if state is None:
             console.print(f"lsys: starting an embedded Ray cluster on 127.0.0.1 ({args.nodes} node(s))")
@@ -144,8 +147,10 @@ def submit(args: argparse.Namespace, console: Console, invalid) -> int:
         address = state.dashboard_url
     try:
         job_id = ray_jobs.submit(address, values, embedded=embedded)
-    except (ConnectionError, RuntimeError) as exc:
+    except (OSError, RuntimeError) as exc:  # requests' connection errors are OSErrors
         console.print(f"[bold red]lsys: the Ray cluster at {address} did not take the job:[/] {exc}", highlight=False)
+        if started:
+            stop_cluster(home)
         return 1
     print(job_id, flush=True)
     if not args.follow:
@@ -226,7 +231,7 @@ def cluster(args: argparse.Namespace, console: Console, invalid) -> int:
     if args.action == "start":
         try:
             state = start_cluster(home, num_nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                                  dashboard_port=args.dashboard_port)
+                                  dashboard_port=args.dashboard_port, stop_when_idle_s=args.stop_when_idle)
         except (ValueError, RuntimeError) as exc:
             return invalid(console, exc)
         console.print(f"lsys: embedded Ray cluster up ({state.num_nodes} node(s)); jobs API {state.dashboard_url}")

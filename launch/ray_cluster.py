@@ -177,28 +177,37 @@ def _node_args(cpus: int, gpus: int) -> dict:
             "object_store_memory": 300 * 2**20}  # tensors travel over torch.distributed, not the object store
 
 
-def _wait_for_jobs_api(url: str) -> None:
+def _wait_for_jobs_api(url: str, gcs_address: str, head_node_id: str) -> None:
+    """Until the Jobs API answers AND the head's job agent has registered: the dashboard answers first, and a job
+    submitted before the agent is known fails ("No available agent") or has its connection dropped."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._raylet import GcsClient
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
     from ray.job_submission import JobSubmissionClient
 
+    gcs = GcsClient(address=gcs_address)
+    agent_key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_node_id}".encode()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         try:
             JobSubmissionClient(url).list_jobs()
-            return
+            if gcs.internal_kv_get(agent_key, namespace=KV_NAMESPACE_DASHBOARD, timeout=5):
+                return
         except Exception:  # the dashboard answers with various errors while it starts
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the head's job agent did not register within {STARTUP_TIMEOUT_S:.0f} s")
+        time.sleep(0.5)
 
 
-def _idle_since(url: str, since: float | None) -> float | None:
-    """When the cluster last became idle (every job finished, at least one submitted); None while busy."""
+def _idle_since(url: str, since: float) -> float:
+    """When the cluster last became idle (no job waiting or running): `since`, or now while a job is busy."""
     from launch.ray_jobs import TERMINAL, list_job_infos
 
-    jobs = list_job_infos(url)
-    if not jobs or any(job.status not in TERMINAL for job in jobs):
-        return None
-    return since if since is not None else time.monotonic()
+    if any(job.status not in TERMINAL for job in list_job_infos(url)):
+        return time.monotonic()
+    return since
 
 
 def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, stop_when_idle_s: float) -> None:
@@ -210,8 +219,10 @@ def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, s
     stop = threading.Event()
     port = dashboard_port or free_port()
     gpus = gpus_on_this_machine()
-    head = {**_node_args(cpus_per_node, gpus), "include_dashboard": True,
-            "dashboard_host": LOOPBACK, "dashboard_port": port}
+    # The head's dashboard agent would take Ray's fixed default port, which a second cluster on this machine
+    # (another LSYS_HOME, another user) already holds; its jobs would then wait for an agent forever.
+    head = {**_node_args(cpus_per_node, gpus), "include_dashboard": True, "dashboard_host": LOOPBACK,
+            "dashboard_port": port, "dashboard_agent_listen_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(num_nodes - 1):
@@ -220,19 +231,19 @@ def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, s
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         url = f"http://{LOOPBACK}:{port}"
-        _wait_for_jobs_api(url)
+        _wait_for_jobs_api(url, cluster.address, cluster.head_node.node_id)
         state = ClusterState(os.getpid(), cluster.address, url, num_nodes, cpus_per_node, gpus, stop_when_idle_s,
                              time.time())
         tmp = _state_path(home).with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         tmp.replace(_state_path(home))
         print(f"lsys: embedded Ray cluster up: {num_nodes} node(s), GCS {cluster.address}, jobs API {url}", flush=True)
-        idle_since = None
-        while not stop.wait(1.0):
+        idle_since = time.monotonic()  # a cluster whose submitter never got a job in stops too
+        while not stop.wait(2.0):
             if stop_when_idle_s:
                 idle_since = _idle_since(url, idle_since)
-                if idle_since is not None and time.monotonic() - idle_since > stop_when_idle_s:
-                    print("lsys: every job has finished; stopping the embedded cluster", flush=True)
+                if time.monotonic() - idle_since > stop_when_idle_s:
+                    print(f"lsys: no job for {stop_when_idle_s:.0f} s; stopping the embedded cluster", flush=True)
                     break
         archive_jobs(url, home)
     finally:

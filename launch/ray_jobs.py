@@ -17,6 +17,7 @@ from launch.local import loopback_interface
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 CONFIG_ENV = "LSYS_JOB_CONFIG"  # the validated config, as JSON, for the job's entry point
+SUBMIT_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,29 @@ def submit(address: str, config: dict[str, Any], *, embedded: bool) -> str:
     if interface is not None:
         env["GLOO_SOCKET_IFNAME"] = interface
         env["NCCL_SOCKET_IFNAME"] = interface
-    job_id = submission_id(config["train"]["run_dir"])
-    return _client(address).submit_job(
-        entrypoint=shlex.join([python, "-m", "launch.ray_train"]),
-        submission_id=job_id,
-        runtime_env={"env_vars": env},
-        metadata={"run_dir": config["train"]["run_dir"], "workers": str(config["cluster"]["num_workers"])},
-        entrypoint_num_cpus=0,  # the driver only waits on the worker group; keep every CPU for the ranks
-    )
+    client = _client(address)
+    request = {
+        "entrypoint": shlex.join([python, "-m", "launch.ray_train"]),
+        "submission_id": submission_id(config["train"]["run_dir"]),
+        "runtime_env": {"env_vars": env},
+        "metadata": {"run_dir": config["train"]["run_dir"], "workers": str(config["cluster"]["num_workers"])},
+        "entrypoint_num_cpus": 0,  # the driver only waits on the worker group; keep every CPU for the ranks
+    }
+    # A busy head may answer "try again later" or drop the connection; a retried request that the first one
+    # did reach finds its submission id taken.
+    import requests
+
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    while True:
+        try:
+            return client.submit_job(**request)
+        except (RuntimeError, requests.ConnectionError) as exc:
+            if "already exists" in str(exc):
+                return request["submission_id"]
+            transient = isinstance(exc, requests.ConnectionError) or "No available agent" in str(exc)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def stop(address: str, job_id: str, timeout_s: float = 60.0) -> str:

@@ -5,7 +5,9 @@ with the config's collective timeout) and the restarts: when a worker dies, the 
 started again up to cluster.max_failures times, and each new group resumes from the newest complete checkpoint
 in train.run_dir (directories still being written are never used, see lsys.checkpoint).
 
-Run by the Jobs API as `python -m launch.ray_train`, with the validated config in $LSYS_JOB_CONFIG.
+Run by the Jobs API as `python -m launch.ray_train`, with the config `lsys submit` validated in $LSYS_JOB_CONFIG;
+or, as the entry point of a job submitted by other means (a KubeRay RayJob, `ray job submit`), as
+`python -m launch.ray_train CONFIG [key=value ...]`, which loads and validates the config itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +86,16 @@ def warn_if_short(cfg) -> None:
               "nodes, stop the job and lower cluster.num_workers / cluster.*_per_worker", flush=True)
 
 
-def main() -> None:
-    from lsys.config import config_from_dict, validate, validate_for_cluster
+def main(argv: list[str]) -> None:
+    from lsys.config import config_from_dict, load_config, to_dict, validate, validate_for_cluster
 
-    values = json.loads(os.environ[CONFIG_ENV])
-    cfg = config_from_dict(values)
-    validate(cfg)  # the submitter validated it; a hand-made job gets the same checks
+    if argv:
+        cfg = load_config(argv[0], argv[1:])
+        values = to_dict(cfg)
+    else:
+        values = json.loads(os.environ[CONFIG_ENV])
+        cfg = config_from_dict(values)
+        validate(cfg)  # `lsys submit` validated it; a hand-made job gets the same checks
     validate_for_cluster(cfg)
     import ray
 
@@ -98,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

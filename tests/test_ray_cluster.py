@@ -3,9 +3,11 @@ span the nodes, metrics and checkpoints land in the run directory, and a running
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 
+import psutil
 import pytest
 
 from lsys.metrics import read_metrics
@@ -14,6 +16,12 @@ from tests.commands import TINY, lsys
 pytestmark = pytest.mark.slow
 
 TWO_WORKERS = [*TINY, "parallel.dp=1", "parallel.cp_ring=2", "cluster.num_workers=2"]
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # "::ffff:127.0.0.1": an IPv6 socket bound to 127.0.0.1
+    return (mapped or address).is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +41,12 @@ def test_cluster_listens_on_loopback_with_token_auth(home):
     assert status["dashboard_url"].startswith("http://127.0.0.1:") and status["gcs_address"].startswith("127.0.0.1:")
     token = home / "cluster" / "token"
     assert token.stat().st_mode & 0o777 == 0o600
+    daemon = psutil.Process(status["pid"])
+    listening = {(c.laddr.ip, c.laddr.port) for proc in [daemon, *daemon.children(recursive=True)]
+                 for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert len(listening) > 5  # GCS, 2 raylets, object managers, dashboard, agents...
+    exposed = [(ip, port) for ip, port in listening if not _loopback(ip)]
+    assert not exposed, exposed
 
 
 def test_two_worker_job_spans_both_nodes_and_writes_metrics_and_checkpoints(home, tmp_path):

@@ -64,3 +64,20 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(tm
     assert sorted(got) == list(range(1, 7))
     torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)], dtype=torch.float64),
                                torch.tensor([expected[s] for s in sorted(got)], dtype=torch.float64))
+
+
+def test_cluster_stops_itself_once_idle_and_keeps_its_jobs_readable(tmp_path):
+    home = tmp_path / "home"
+    started = lsys("cluster", "start", "--stop-when-idle", "4", home=home, timeout=180)
+    assert started.returncode == 0, started.stderr
+    submitted = lsys("submit", "configs/demo.yaml", *RUN, f"train.run_dir={tmp_path / 'run'}", home=home)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0]
+    deadline = time.monotonic() + 240
+    while running_cluster(home) is not None:
+        assert time.monotonic() < deadline, "the idle cluster did not stop"
+        time.sleep(1)
+    assert "SUCCEEDED" in lsys("jobs", "status", job_id, home=home).stdout
+    assert "step      6" in lsys("jobs", "logs", job_id, home=home).stdout
+    stop = lsys("jobs", "stop", job_id, home=home)
+    assert stop.returncode == 2 and "only jobs on a running cluster can be stopped" in stop.stderr
