@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (set up, then train the CPU demo on 4 local ranks) and `make test`.
+# Two entry points: `make demo` (set up, then train the CPU demo as a Ray job on an embedded local cluster)
+# and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 # On CPU machines the exact CPU torch wheel is pinned for pip and its isolated build environments, so no
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/lsys train configs/demo.yaml --nproc 4
+	$(VENV)/bin/lsys submit configs/demo.yaml --follow
 
 lint: setup
 	$(VENV)/bin/ruff check .
