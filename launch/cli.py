@@ -77,6 +77,9 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         if launched_elsewhere and args.nproc != 1:
             raise ValueError(f"--nproc={args.nproc} but WORLD_SIZE is already set by a launcher; drop --nproc")
         validate_for_world(cfg, int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc)
+        if cfg.optim.offload != "none":
+            raise ValueError(f"optim.offload={cfg.optim.offload}: the optimizer state lives in Ray actors; run it "
+                             "with `lsys submit` (or set optim.offload=none)")
     except ValueError as exc:
         return _invalid(console, exc)
     if args.print_config:

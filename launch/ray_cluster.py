@@ -172,8 +172,11 @@ def gpus_on_this_machine() -> int:
     return NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
 
 
-def _node_args(cpus: int, gpus: int) -> dict:
+def _node_args(index: int, cpus: int, gpus: int) -> dict:
+    """Node `index` (0: the head) carries the resource lsys_node_<index> and the label lsys-node=<index>, so a
+    job can aim workers or optimizer state at a given node (cluster.resources_per_worker, optim.placement)."""
     return {"node_ip_address": LOOPBACK, "num_cpus": cpus, "num_gpus": gpus,
+            "resources": {f"lsys_node_{index}": 1.0}, "labels": {"lsys-node": str(index)},
             "object_store_memory": 300 * 2**20}  # tensors travel over torch.distributed, not the object store
 
 
@@ -221,12 +224,12 @@ def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, s
     gpus = gpus_on_this_machine()
     # The head's dashboard agent would take Ray's fixed default port, which a second cluster on this machine
     # (another LSYS_HOME, another user) already holds; its jobs would then wait for an agent forever.
-    head = {**_node_args(cpus_per_node, gpus), "include_dashboard": True, "dashboard_host": LOOPBACK,
+    head = {**_node_args(0, cpus_per_node, gpus), "include_dashboard": True, "dashboard_host": LOOPBACK,
             "dashboard_port": port, "dashboard_agent_listen_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
-        for _ in range(num_nodes - 1):
-            cluster.add_node(**_node_args(cpus_per_node, 0))
+        for index in range(1, num_nodes):
+            cluster.add_node(**_node_args(index, cpus_per_node, 0))
         # After the nodes: Ray's own handler would drain for 30 s and skip the archive.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())

@@ -22,14 +22,15 @@ from typing import Any
 from launch.ray_jobs import CONFIG_ENV
 
 
-def _record_placement(run_dir: Path, rank: int) -> None:
-    """run_dir/workers/rankN.json: where each rank of the latest attempt runs (node, process)."""
+def _record_placement(run_dir: Path, rank: int, optimizer_node_id: str | None) -> None:
+    """run_dir/workers/rankN.json: where each rank of the latest attempt runs (node, process), and the node
+    holding its offloaded optimizer state."""
     import ray
 
     directory = run_dir / "workers"
     directory.mkdir(parents=True, exist_ok=True)
     where = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-             "pid": os.getpid()}
+             "pid": os.getpid(), "optimizer_node_id": optimizer_node_id}
     (directory / f"rank{rank}.json").write_text(json.dumps(where))
 
 
@@ -41,8 +42,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from lsys.trainer import train
 
     cfg = config_from_dict(loop_config["config"])
-    _record_placement(Path(cfg.train.run_dir), ray.train.get_context().get_world_rank())
-    train(cfg)
+    rank = ray.train.get_context().get_world_rank()
+    store = None
+    if cfg.optim.offload == "cpu":
+        from launch.ray_offload import RayOptimizerStore
+
+        store = RayOptimizerStore(cfg.optim, rank)
+    _record_placement(Path(cfg.train.run_dir), rank, store.node_id if store else None)
+    train(cfg, store)
 
 
 def build_trainer(values: dict[str, Any]):

@@ -16,6 +16,8 @@ from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("passkey", "mqar", "text")
+OFFLOAD_MODES = ("none", "cpu")
+OFFLOAD_PLACEMENTS = ("same_node", "resource", "label")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -120,6 +122,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class OptimConfig:
+    """Where AdamW's state lives. `offload: cpu` moves each rank's fp32 master weights and Adam moments into a Ray
+    actor (DeepSpeed's CPU Adam) on this rank's node, or on nodes with a Ray resource or label; the rank keeps
+    only its parameters and gradients. Needs `lsys submit`."""
+
+    offload: str = "none"  # none | cpu
+    placement: str = "same_node"  # same_node | resource (nodes with optim.resource) | label (optim.label)
+    resource: str = ""  # a custom Ray resource of the nodes that hold the state
+    label: str = ""  # key=value: a Ray node label of the nodes that hold the state
+    fraction: float = 1.0  # share of each rank's parameters (by elements, in model order) whose state is offloaded
+
+
+@dataclass
 class ClusterConfig:
     """How `lsys submit` runs the job on Ray: one Ray Train worker per rank (ignored by `lsys train`)."""
 
@@ -140,6 +155,7 @@ class LsysConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -262,6 +278,7 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(c.every >= 0, "checkpoint.every", c.every, "use 0 (only at the end) or a positive interval")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "keep at least one checkpoint")
 
+    _validate_optim(cfg.optim)
     _validate_cluster(cfg.cluster)
     p.validate()
     cfg.recompute.validate()
@@ -280,6 +297,17 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
              "heads of the ones tensor parallelism left it")
     if world_size is not None:
         validate_for_world(cfg, world_size)
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _require(o.offload in OFFLOAD_MODES, "optim.offload", o.offload, f"choose one of {', '.join(OFFLOAD_MODES)}")
+    _require(o.placement in OFFLOAD_PLACEMENTS, "optim.placement", o.placement,
+             f"choose one of {', '.join(OFFLOAD_PLACEMENTS)}")
+    _require(o.placement != "resource" or bool(o.resource), "optim.resource", o.resource,
+             "optim.placement=resource needs the name of a custom Ray resource the state's nodes have")
+    _require(o.placement != "label" or o.label.count("=") == 1, "optim.label", o.label,
+             "optim.placement=label needs a node label as key=value")
+    _require(0 < o.fraction <= 1, "optim.fraction", o.fraction, "must lie in (0, 1]")
 
 
 def _validate_cluster(k: ClusterConfig) -> None:

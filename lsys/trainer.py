@@ -12,11 +12,13 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, build_task
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes
 from lsys.model import build_model, count_parameters
+from lsys.optim import OptimizerStore, build_optimizer, state_bytes
 from lsys.session import Session, distributed_session
 from parallel.data_parallel import gradient_sync
 from parallel.mesh import MeshInfo, build_mesh
@@ -84,7 +87,7 @@ def gather_sequence(x: Tensor, mesh: MeshInfo, layout: str) -> Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: LsysConfig, session: Session):
+    def __init__(self, cfg: LsysConfig, session: Session, optimizer_store: OptimizerStore | None = None):
         self.cfg = cfg
         self.session = session
         self.device = session.device
@@ -98,12 +101,7 @@ class Trainer:
         self.model_cfg = replace(cfg.model, vocab_size=vocab)
         self.model = build_model(self.model_cfg, self.device, DTYPES[cfg.train.param_dtype], cfg.train.seed)
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
-        )
+        self.optimizer = build_optimizer(cfg, self.model, optimizer_store)
         local_batch = cfg.train.global_batch_size // self.mesh.dp_size
         self.local_batch = local_batch
         self.micro_batch = cfg.train.micro_batch_size or local_batch
@@ -233,7 +231,7 @@ class Trainer:
         if marker.exists():
             return
         marker.write_text(f"rank {t.fail_rank} exited on purpose before step {t.fail_at_step}\n")
-        print(f"lsys: train.fail_at_step={t.fail_at_step}: rank {t.fail_rank} exits now", flush=True)
+        print(f"lsys: train.fail_at_step={t.fail_at_step}: rank {t.fail_rank} exits now", file=sys.stderr, flush=True)
         os._exit(17)
 
     def run(self) -> dict[str, Any]:
@@ -276,18 +274,23 @@ class Trainer:
             if writer:
                 writer.close()
         wall = time.perf_counter() - started
+        held = {**state_bytes(self.model, self.optimizer), "resident": psutil.Process().memory_info().rss}
+        state_per_rank = [None] * self.session.world_size
+        dist.all_gather_object(state_per_rank, held)
         summary = {"start_step": start, "end_step": end, "losses": losses, "evals": evals, "wall_time_s": wall,
-                   "peak_memory_bytes": self._peak_memory_per_rank(), "run_dir": str(self.run_dir)}
+                   "peak_memory_bytes": self._peak_memory_per_rank(), "state_bytes_per_rank": state_per_rank,
+                   "run_dir": str(self.run_dir)}
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
 
-def train(cfg: LsysConfig) -> dict[str, Any]:
-    """Train on this rank (joining or creating the process group); returns the run summary."""
+def train(cfg: LsysConfig, optimizer_store: OptimizerStore | None = None) -> dict[str, Any]:
+    """Train on this rank (joining or creating the process group); returns the run summary. `optimizer_store`
+    holds this rank's optimizer state when optim.offload=cpu (the launcher places it)."""
     with distributed_session(cfg.train.device, cfg.train.collective_timeout_s) as session:
         validate_for_world(cfg, session.world_size)
-        return Trainer(cfg, session).run()
+        return Trainer(cfg, session, optimizer_store).run()
 
 
 def train_from_dict(values: dict[str, Any]) -> dict[str, Any]:

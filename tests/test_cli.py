@@ -50,6 +50,13 @@ def test_unknown_key_and_world_size_mismatch_name_the_fix(tmp_path):
     assert undivided.returncode == 2 and "not divisible by cp_ring*cp_ulysses*tp=2" in undivided.stderr
 
 
+def test_offload_is_refused_outside_ray():
+    result = lsys("train", "configs/demo.yaml", "--nproc", "4", "optim.offload=cpu")
+    assert result.returncode == 2 and "optim.offload=cpu: the optimizer state lives in Ray actors" in result.stderr
+    bad = lsys("submit", "configs/demo.yaml", "optim.offload=cpu", "optim.placement=label", "optim.label=node1")
+    assert bad.returncode == 2 and "optim.label='node1': optim.placement=label needs a node label" in bad.stderr
+
+
 def test_print_config_resolves_overrides_given_after_options():
     result = lsys("train", "configs/demo.yaml", "--print-config", "--nproc", "2", "train.steps=7", "parallel.dp=1")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,147 @@
+"""Offloaded optimizer state in Ray actors: one actor per rank holds the fp32 master weights and Adam moments of
+the rank's parameter shards and steps them with DeepSpeed's CPU Adam (vectorised C++).
+
+The actor is placed by optim.placement: on the rank's own node (ZeRO-Offload's choice), or on any node that
+has a custom resource or a node label, e.g. a node with host memory to spare. The rank owns its actor, so the
+actor dies with the rank; a dead actor fails the rank's next step, and the worker group restarts from the last
+checkpoint, which holds the state (lsys.checkpoint). Tensors travel as numpy arrays through Ray's object store,
+in the rank's parameter dtype (bf16 as its 16-bit pattern): 2 bytes per parameter each way for bf16 models.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lsys.config import OptimConfig
+
+
+def to_wire(t: Tensor) -> np.ndarray:
+    """A contiguous CPU tensor as a numpy array of the same bytes (numpy has no bfloat16: its bits as int16)."""
+    t = t.detach().contiguous().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_wire(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """The tensor over `a`'s bytes, without a copy. Arrays from Ray's object store are read-only; every caller
+    only reads the result (copies it into parameters or casts it), so torch's warning about that is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(a)
+    return t.view(dtype) if dtype == torch.bfloat16 else t
+
+
+class AdamShard:
+    """The actor: flat fp32 masters, one per parameter group, stepped by DeepSpeedCPUAdam in AdamW mode."""
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def init(self, masters: list[np.ndarray], weight_decays: list[float], betas: tuple[float, float], eps: float,
+             wire_dtype: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        self.wire_dtype = getattr(torch, wire_dtype)
+        self.params = [torch.nn.Parameter(torch.from_numpy(m.copy())) for m in masters]
+        groups = [{"params": [p], "weight_decay": wd} for p, wd in zip(self.params, weight_decays, strict=True)]
+        # Building the C++ op compiles it on first use (minutes) and loads it from the torch extensions cache after.
+        self.adam = DeepSpeedCPUAdam(groups, lr=0.0, betas=betas, eps=eps, adamw_mode=True)
+        return {"ready_s": time.perf_counter() - started, "pid": os.getpid()}
+
+    def step(self, grads: list[np.ndarray], lrs: list[float]) -> list[np.ndarray]:
+        for p, g, group, lr in zip(self.params, grads, self.adam.param_groups, lrs, strict=True):
+            p.grad = from_wire(g, self.wire_dtype).to(torch.float32)
+            group["lr"] = lr
+        self.adam.step()
+        return [to_wire(p.detach().to(self.wire_dtype)) for p in self.params]
+
+    def state(self) -> dict[str, Tensor]:
+        out = {}
+        for i, p in enumerate(self.params):
+            out[f"master.{i}"] = p.detach().clone()
+            moments = self.adam.state.get(p)
+            if moments:  # none before the first step
+                out[f"step.{i}"] = torch.tensor(moments["step"])  # DeepSpeed counts steps in a Python int
+                out[f"exp_avg.{i}"] = moments["exp_avg"].clone()
+                out[f"exp_avg_sq.{i}"] = moments["exp_avg_sq"].clone()
+        return out
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        for i, p in enumerate(self.params):
+            with torch.no_grad():
+                p.copy_(state[f"master.{i}"])
+            if f"step.{i}" in state:
+                self.adam.state[p] = {"step": int(state[f"step.{i}"]), "exp_avg": state[f"exp_avg.{i}"].clone(),
+                                      "exp_avg_sq": state[f"exp_avg_sq.{i}"].clone()}
+
+
+def placement_options(cfg: OptimConfig) -> dict[str, Any]:
+    """Ray options that put an actor where optim.placement says (the caller runs inside a Ray worker)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if cfg.placement == "resource":
+        return {"resources": {cfg.resource: 0.001}}  # a sliver: many ranks' actors share a node's one unit
+    if cfg.placement == "label":
+        key, value = cfg.label.split("=")
+        return {"label_selector": {key: value}}
+    here = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False)}
+
+
+class ShardStore:
+    """lsys.optim.OptimizerStore over an AdamShard reached through `call(method_name, *args)`: in this process
+    (tests) or in a Ray actor (RayOptimizerStore)."""
+
+    def __init__(self, call: Callable[..., Any], rank: int = 0):
+        self.call = call
+        self.rank = rank
+
+    def init(self, masters: list[Tensor], weight_decays: list[float], betas: tuple[float, float], eps: float,
+             wire_dtype: torch.dtype) -> None:
+        self.wire_dtype = wire_dtype
+        info = self.call("init", [to_wire(m) for m in masters], weight_decays, betas, eps,
+                         str(wire_dtype).removeprefix("torch."))
+        if self.rank == 0:
+            print(f"lsys: optimizer state offloaded ({sum(m.numel() for m in masters):,} parameters on rank 0); "
+                  f"DeepSpeed CPU Adam ready in {info['ready_s']:.1f} s (its first use on a machine compiles it "
+                  "into the torch extensions cache, later ones load it)", file=sys.stderr, flush=True)
+
+    def step(self, grads: list[Tensor], lrs: list[float]) -> list[Tensor]:
+        updated = self.call("step", [to_wire(g) for g in grads], lrs)
+        return [from_wire(a, self.wire_dtype) for a in updated]
+
+    def state(self) -> dict[str, Tensor]:
+        return self.call("state")
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        self.call("load", state)
+
+
+def local_store() -> ShardStore:
+    shard = AdamShard()
+    return ShardStore(lambda method, *args: getattr(shard, method)(*args))
+
+
+class RayOptimizerStore(ShardStore):
+    """A ShardStore whose AdamShard is a Ray actor placed by optim.placement, owned by (and dying with) this rank."""
+
+    def __init__(self, cfg: OptimConfig, rank: int):
+        import ray
+
+        # num_cpus=0: the actor is busy only between a rank's backward and its next forward, when the rank waits.
+        actor_class = ray.remote(num_cpus=0, max_restarts=0)(AdamShard)
+        actor = actor_class.options(name=f"lsys-adam-rank{rank}", **placement_options(cfg)).remote()
+        super().__init__(lambda method, *args: ray.get(getattr(actor, method).remote(*args)), rank)
+        self.node_id = self.call("node_id")
