@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,8 @@ def from_wire(a: np.ndarray, dtype: torch.dtype) -> Tensor:
 
 
 class AdamShard:
-    """The actor: flat fp32 masters, one per parameter group, stepped by DeepSpeedCPUAdam in AdamW mode."""
+    """The actor: one flat fp32 master per bucket, each stepped by its own DeepSpeedCPUAdam in AdamW mode (so a
+    bucket's update can go back while the next one is computed)."""
 
     def node_id(self) -> str:
         import ray
@@ -54,23 +55,29 @@ class AdamShard:
 
         self.wire_dtype = getattr(torch, wire_dtype)
         self.params = [torch.nn.Parameter(torch.from_numpy(m.copy())) for m in masters]
-        groups = [{"params": [p], "weight_decay": wd} for p, wd in zip(self.params, weight_decays, strict=True)]
         # Building the C++ op compiles it on first use (minutes) and loads it from the torch extensions cache after.
-        self.adam = DeepSpeedCPUAdam(groups, lr=0.0, betas=betas, eps=eps, adamw_mode=True)
+        self.adams = [DeepSpeedCPUAdam([p], lr=0.0, betas=betas, eps=eps, weight_decay=wd, adamw_mode=True)
+                      for p, wd in zip(self.params, weight_decays, strict=True)]
         return {"ready_s": time.perf_counter() - started, "pid": os.getpid()}
 
-    def step(self, grads: list[np.ndarray], lrs: list[float]) -> list[np.ndarray]:
-        for p, g, group, lr in zip(self.params, grads, self.adam.param_groups, lrs, strict=True):
-            p.grad = from_wire(g, self.wire_dtype).to(torch.float32)
-            group["lr"] = lr
-        self.adam.step()
-        return [to_wire(p.detach().to(self.wire_dtype)) for p in self.params]
+    def put_grad(self, bucket: int, grad: np.ndarray) -> None:
+        # A copy: the array lives in Ray's read-only object store and the step scales the gradient in place.
+        self.params[bucket].grad = from_wire(grad, self.wire_dtype).to(torch.float32, copy=True)
+
+    def step_bucket(self, bucket: int, grad_scale: float, lr: float) -> np.ndarray:
+        p, adam = self.params[bucket], self.adams[bucket]
+        if grad_scale != 1.0:
+            p.grad.mul_(grad_scale)
+        adam.param_groups[0]["lr"] = lr
+        adam.step()
+        p.grad = None
+        return to_wire(p.detach().to(self.wire_dtype))
 
     def state(self) -> dict[str, Tensor]:
         out = {}
-        for i, p in enumerate(self.params):
+        for i, (p, adam) in enumerate(zip(self.params, self.adams, strict=True)):
             out[f"master.{i}"] = p.detach().clone()
-            moments = self.adam.state.get(p)
+            moments = adam.state.get(p)
             if moments:  # none before the first step
                 out[f"step.{i}"] = torch.tensor(moments["step"])  # DeepSpeed counts steps in a Python int
                 out[f"exp_avg.{i}"] = moments["exp_avg"].clone()
@@ -78,12 +85,12 @@ class AdamShard:
         return out
 
     def load(self, state: dict[str, Tensor]) -> None:
-        for i, p in enumerate(self.params):
+        for i, (p, adam) in enumerate(zip(self.params, self.adams, strict=True)):
             with torch.no_grad():
                 p.copy_(state[f"master.{i}"])
             if f"step.{i}" in state:
-                self.adam.state[p] = {"step": int(state[f"step.{i}"]), "exp_avg": state[f"exp_avg.{i}"].clone(),
-                                      "exp_avg_sq": state[f"exp_avg_sq.{i}"].clone()}
+                adam.state[p] = {"step": int(state[f"step.{i}"]), "exp_avg": state[f"exp_avg.{i}"].clone(),
+                                 "exp_avg_sq": state[f"exp_avg_sq.{i}"].clone()}
 
 
 def placement_options(cfg: OptimConfig) -> dict[str, Any]:
@@ -101,12 +108,17 @@ def placement_options(cfg: OptimConfig) -> dict[str, Any]:
 
 
 class ShardStore:
-    """lsys.optim.OptimizerStore over an AdamShard reached through `call(method_name, *args)`: in this process
-    (tests) or in a Ray actor (RayOptimizerStore)."""
+    """lsys.optim.OptimizerStore over an AdamShard reached through `submit(method_name, *args)`, which returns a
+    handle that `result(handle)` waits for: in this process (tests) or in a Ray actor (RayOptimizerStore)."""
 
-    def __init__(self, call: Callable[..., Any], rank: int = 0):
-        self.call = call
+    def __init__(self, submit: Callable[..., Any], result: Callable[[Any], Any], rank: int = 0):
+        self.submit = submit
+        self.result = result
         self.rank = rank
+        self._in_flight: list[Any] = []
+
+    def call(self, method: str, *args: Any) -> Any:
+        return self.result(self.submit(method, *args))
 
     def init(self, masters: list[Tensor], weight_decays: list[float], betas: tuple[float, float], eps: float,
              wire_dtype: torch.dtype) -> None:
@@ -114,13 +126,22 @@ class ShardStore:
         info = self.call("init", [to_wire(m) for m in masters], weight_decays, betas, eps,
                          str(wire_dtype).removeprefix("torch."))
         if self.rank == 0:
-            print(f"lsys: optimizer state offloaded ({sum(m.numel() for m in masters):,} parameters on rank 0); "
-                  f"DeepSpeed CPU Adam ready in {info['ready_s']:.1f} s (its first use on a machine compiles it "
-                  "into the torch extensions cache, later ones load it)", file=sys.stderr, flush=True)
+            print(f"lsys: optimizer state offloaded ({sum(m.numel() for m in masters):,} parameters on rank 0, "
+                  f"{len(masters)} buckets); DeepSpeed CPU Adam ready in {info['ready_s']:.1f} s (its first use on "
+                  "a machine compiles it into the torch extensions cache, later ones load it)",
+                  file=sys.stderr, flush=True)
 
-    def step(self, grads: list[Tensor], lrs: list[float]) -> list[Tensor]:
-        updated = self.call("step", [to_wire(g) for g in grads], lrs)
-        return [from_wire(a, self.wire_dtype) for a in updated]
+    def put_grad(self, bucket: int, grad: Tensor) -> None:
+        self._in_flight.append(self.submit("put_grad", bucket, to_wire(grad)))
+
+    def step(self, grad_scale: float, lrs: list[float]) -> Iterator[Tensor]:
+        for handle in self._in_flight:  # surfaces a failed transfer here, not silently
+            self.result(handle)
+        self._in_flight.clear()
+        # Every bucket's step is queued at once: the actor computes bucket b+1 while b travels back.
+        handles = [self.submit("step_bucket", b, grad_scale, lr) for b, lr in enumerate(lrs)]
+        for handle in handles:
+            yield from_wire(self.result(handle), self.wire_dtype)
 
     def state(self) -> dict[str, Tensor]:
         return self.call("state")
@@ -130,8 +151,9 @@ class ShardStore:
 
 
 def local_store() -> ShardStore:
+    """A store whose shard runs in this process, synchronously."""
     shard = AdamShard()
-    return ShardStore(lambda method, *args: getattr(shard, method)(*args))
+    return ShardStore(lambda method, *args: getattr(shard, method)(*args), lambda value: value)
 
 
 class RayOptimizerStore(ShardStore):
@@ -143,5 +165,5 @@ class RayOptimizerStore(ShardStore):
         # num_cpus=0: the actor is busy only between a rank's backward and its next forward, when the rank waits.
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(AdamShard)
         actor = actor_class.options(name=f"lsys-adam-rank{rank}", **placement_options(cfg)).remote()
-        super().__init__(lambda method, *args: ray.get(getattr(actor, method).remote(*args)), rank)
+        super().__init__(lambda method, *args: getattr(actor, method).remote(*args), ray.get, rank)
         self.node_id = self.call("node_id")

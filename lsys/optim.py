@@ -2,13 +2,17 @@
 
 With `optim.offload=cpu` a rank keeps only its parameters and gradients (16- or 32-bit, the local shards when
 FSDP2 or tensor parallelism shard them). An `OptimizerStore` (a Ray actor, launch/ray_offload.py, on any node)
-holds the fp32 master copy of those shards and both Adam moments: 12 bytes per parameter that leave the rank. A
-step sends the gradients, already clipped by the global norm, with each group's learning rate, and copies the
-updated parameters back. The update is AdamW's, so clipping and the schedule behave exactly as without offload.
+holds the fp32 master copy of those shards and both Adam moments: 12 bytes per parameter that leave the rank.
+Gradients travel while backward still runs; the step then sends the clipping factor and each group's learning
+rate, and copies the updated parameters back. The update is AdamW's, so clipping and the schedule behave exactly
+as without offload.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -19,13 +23,16 @@ from lsys.config import LsysConfig
 
 
 class OptimizerStore(Protocol):
-    """Holds fp32 master weights and Adam moments for flat parameter groups, and steps them."""
+    """Holds fp32 master weights and Adam moments for flat parameter buckets, and steps them."""
 
     def init(self, masters: list[Tensor], weight_decays: list[float], betas: tuple[float, float], eps: float,
              wire_dtype: torch.dtype) -> None: ...
 
-    # grads: one flat tensor per group in wire_dtype -> updated parameters, the same shapes and dtype
-    def step(self, grads: list[Tensor], lrs: list[float]) -> list[Tensor]: ...
+    def put_grad(self, bucket: int, grad: Tensor) -> None:
+        """Start sending one bucket's gradient (flat, wire_dtype); returns at once."""
+
+    def step(self, grad_scale: float, lrs: list[float]) -> Iterator[Tensor]:
+        """Scale every bucket's gradient, take the AdamW step, and yield the updated parameters bucket by bucket."""
 
     def state(self) -> dict[str, Tensor]: ...
 
@@ -44,23 +51,44 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass
+class _Bucket:
+    group: int
+    params: list[nn.Parameter]  # in the order their gradients are expected: reversed model order
+    waiting: int = 0  # gradients of this bucket not yet final in the current backward
+
+
 class OffloadedAdamW(torch.optim.Optimizer):
-    """AdamW over `params`, the first `fraction` of each group's elements stepped by `store`, the rest locally."""
+    """AdamW over the parameter `groups`; the state of the first `fraction` of the elements lives in `store`.
+
+    Offloaded parameters are cut into buckets of about `bucket_elements`. Inside `stream_gradients()` (the
+    backward that makes gradients final) a bucket's gradient is sent as soon as all of its parameters' gradients
+    are final, while backward goes on with earlier layers. `step(grad_scale)` then sends the clipping factor and
+    the learning rates, and copies each bucket's updated parameters in as they come back.
+    """
 
     def __init__(self, groups: list[dict[str, Any]], store: OptimizerStore, *, lr: float, betas: tuple[float, float],
-                 eps: float, fraction: float):
+                 eps: float, fraction: float, bucket_elements: int = 2**22):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.store = store
         params = [p for g in self.param_groups for p in g["params"]]
         budget = fraction * sum(local_shard(p).numel() for p in params)
         offloaded: set[int] = set()
         taken = 0
-        for p in params:  # model order: embeddings and the first blocks first
+        for p in params:  # group order: the matrices (most of the state) first
             if taken + local_shard(p).numel() > budget + 0.5:
                 break
             offloaded.add(id(p))
             taken += local_shard(p).numel()
-        self.offloaded = [[p for p in g["params"] if id(p) in offloaded] for g in self.param_groups]
+        self.buckets: list[_Bucket] = []
+        for index, group in enumerate(self.param_groups):
+            current = None
+            for p in reversed([p for p in group["params"] if id(p) in offloaded]):
+                if current is None or sum(local_shard(q).numel() for q in current.params) >= bucket_elements:
+                    current = _Bucket(index, [])
+                    self.buckets.append(current)
+                current.params.append(p)
+        self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket.params}
         kept = [(i, [p for p in g["params"] if id(p) not in offloaded]) for i, g in enumerate(self.param_groups)]
         kept = [(i, ps) for i, ps in kept if ps]
         self._kept_groups = [i for i, _ in kept]
@@ -68,28 +96,60 @@ class OffloadedAdamW(torch.optim.Optimizer):
             [{"params": ps, "weight_decay": self.param_groups[i]["weight_decay"]} for i, ps in kept],
             lr=lr, betas=betas, eps=eps) if kept else None
         self.wire_dtype = params[0].dtype
-        masters = [self._flat([local_shard(p).detach() for p in group], torch.float32) for group in self.offloaded]
-        store.init(masters, [g["weight_decay"] for g in self.param_groups], betas, eps, self.wire_dtype)
+        self._streaming = False
+        self._sent: set[int] = set()
+        for p in params:
+            if id(p) in offloaded:
+                p.register_post_accumulate_grad_hook(self._gradient_final)
+        masters = [self._flat([local_shard(p).detach() for p in b.params], torch.float32) for b in self.buckets]
+        store.init(masters, [self.param_groups[b.group]["weight_decay"] for b in self.buckets], betas, eps,
+                   self.wire_dtype)
 
     @staticmethod
     def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-        if not tensors:
-            return torch.zeros(0, dtype=dtype)
         return torch.cat([t.reshape(-1).to("cpu", dtype) for t in tensors])
 
+    @contextlib.contextmanager
+    def stream_gradients(self) -> Iterator[None]:
+        """Around the backward that makes the gradients final (the last micro-batch's)."""
+        self._streaming = True
+        self._sent.clear()
+        for bucket in self.buckets:
+            bucket.waiting = len(bucket.params)
+        try:
+            yield
+        finally:
+            self._streaming = False
+
+    def _gradient_final(self, param: nn.Parameter) -> None:
+        if not self._streaming:
+            return
+        index = self._bucket_of[id(param)]
+        bucket = self.buckets[index]
+        bucket.waiting -= 1
+        if bucket.waiting == 0:
+            self._send(index)
+
+    def _send(self, index: int) -> None:
+        bucket = self.buckets[index]
+        missing = [p for p in bucket.params if p.grad is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} offloaded parameters have no gradient; every parameter must take "
+                               "part in the loss")
+        self.store.put_grad(index, self._flat([local_shard(p.grad) for p in bucket.params], self.wire_dtype))
+        self._sent.add(index)
+
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ARG002 - the torch.optim signature
-        grads = []
-        for group in self.offloaded:
-            missing = [p for p in group if p.grad is None]
-            if missing:
-                raise RuntimeError(f"{len(missing)} offloaded parameters have no gradient; every parameter must "
-                                   "take part in the loss")
-            grads.append(self._flat([local_shard(p.grad) for p in group], self.wire_dtype))
-        updated = self.store.step(grads, [g["lr"] for g in self.param_groups])
-        for group, flat in zip(self.offloaded, updated, strict=True):
+    def step(self, closure=None, grad_scale: float = 1.0):  # noqa: ARG002 - the torch.optim signature
+        """`grad_scale`: the factor clipping applied to the local gradients, which the sent ones have not seen."""
+        for index in range(len(self.buckets)):
+            if index not in self._sent:  # not streamed (no stream_gradients) or a gradient came late
+                self._send(index)
+        self._sent.clear()
+        lrs = [self.param_groups[b.group]["lr"] for b in self.buckets]
+        for bucket, flat in zip(self.buckets, self.store.step(grad_scale, lrs), strict=True):
             offset = 0
-            for p in group:
+            for p in bucket.params:
                 target = local_shard(p)
                 target.copy_(flat[offset:offset + target.numel()].view_as(target))
                 offset += target.numel()
@@ -98,17 +158,19 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 inner["lr"] = self.param_groups[outer]["lr"]
             self.kept.step()
 
+    def _sizes(self) -> list[int]:
+        return [sum(local_shard(p).numel() for p in bucket.params) for bucket in self.buckets]
+
     def rank_state(self) -> dict[str, Any]:
         """This rank's whole optimizer state (offloaded and local), for a per-rank checkpoint file."""
         return {"offloaded": self.store.state(), "kept": self.kept.state_dict() if self.kept is not None else None,
-                "sizes": [sum(local_shard(p).numel() for p in group) for group in self.offloaded]}
+                "sizes": self._sizes()}
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
-        sizes = [sum(local_shard(p).numel() for p in group) for group in self.offloaded]
-        if state["sizes"] != sizes:
+        if state["sizes"] != self._sizes():
             raise ValueError(f"offloaded optimizer state was saved for parameter shards of {state['sizes']} elements, "
-                             f"this rank holds {sizes}: resume with the parallel layout and optim.fraction it was "
-                             "saved with")
+                             f"this rank holds {self._sizes()}: resume with the parallel layout and optim.fraction it "
+                             "was saved with")
         self.store.load(state["offloaded"])
         if self.kept is not None:
             self.kept.load_state_dict(state["kept"])

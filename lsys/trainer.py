@@ -30,7 +30,7 @@ from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, build_task
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes
 from lsys.model import build_model, count_parameters
-from lsys.optim import OptimizerStore, build_optimizer, state_bytes
+from lsys.optim import OffloadedAdamW, OptimizerStore, build_optimizer, state_bytes
 from lsys.session import Session, distributed_session
 from parallel.data_parallel import gradient_sync
 from parallel.mesh import MeshInfo, build_mesh
@@ -160,9 +160,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        offloaded = isinstance(self.optimizer, OffloadedAdamW)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            with gradient_sync(self.model, enabled=last):
+            streaming = self.optimizer.stream_gradients() if offloaded and last else contextlib.nullcontext()
+            with gradient_sync(self.model, enabled=last), streaming:
                 losses, _ = self._token_losses(self.model, batch)
                 masked = (losses * batch.loss_mask.to(self.device)).sum()
                 (masked / global_tokens).backward()
@@ -171,7 +173,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over every shard
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        if offloaded:  # gradients sent during backward were not clipped yet: the same factor, as torch computes it
+            self.optimizer.step(grad_scale=torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0).item())
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=self.mesh.replica_group)
         elapsed = time.perf_counter() - t0
