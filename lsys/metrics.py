@@ -3,6 +3,9 @@ on a terminal, one plain line per log interval elsewhere, e.g. in CI or Ray job 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import resource
 import sys
@@ -10,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,6 +25,16 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def resident_bytes() -> int:
+    """Memory this process holds alone: its unique set size (shared pages such as Ray's object store left out),
+    after handing the allocator's free pages back to the OS (glibc keeps them otherwise, e.g. those of the full
+    model built before sharding)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_full_info().uss
 
 
 def format_bytes(value: float) -> str:

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from lsys.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, build_task
-from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes
+from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import build_model, count_parameters
 from lsys.optim import OffloadedAdamW, OptimizerStore, build_optimizer, state_bytes
 from lsys.session import Session, distributed_session
@@ -279,7 +278,7 @@ class Trainer:
             if writer:
                 writer.close()
         wall = time.perf_counter() - started
-        held = {**state_bytes(self.model, self.optimizer), "resident": psutil.Process().memory_info().rss}
+        held = {**state_bytes(self.model, self.optimizer), "resident": resident_bytes()}
         state_per_rank = [None] * self.session.world_size
         dist.all_gather_object(state_per_rank, held)
         summary = {"start_step": start, "end_step": end, "losses": losses, "evals": evals, "wall_time_s": wall,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +27,15 @@ def lsys(*args: str, timeout: float = 300, home: Path | None = None) -> subproce
         env["LSYS_HOME"] = str(home)
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+@contextlib.contextmanager
+def two_node_cluster(home: Path) -> Iterator[Path]:
+    """An embedded cluster of a head and a second node (2 CPUs each) under LSYS_HOME=`home`, stopped on exit."""
+    started = lsys("cluster", "start", "--nodes", "2", "--cpus-per-node", "2", home=home, timeout=180)
+    assert started.returncode == 0, started.stderr
+    try:
+        yield home
+    finally:
+        lsys("cluster", "stop", home=home, timeout=120)
+

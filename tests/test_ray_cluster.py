@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from lsys.metrics import read_metrics
-from tests.commands import TINY, lsys
+from tests.commands import TINY, lsys, two_node_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,8 @@ def _loopback(ip: str) -> bool:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("lsys-home")
-    started = lsys("cluster", "start", "--nodes", "2", "--cpus-per-node", "2", home=home, timeout=180)
-    assert started.returncode == 0, started.stderr
-    try:
+    with two_node_cluster(tmp_path_factory.mktemp("lsys-home")) as home:
         yield home
-    finally:
-        lsys("cluster", "stop", home=home, timeout=120)
 
 
 def test_cluster_listens_on_loopback_with_token_auth(home):
