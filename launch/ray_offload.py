@@ -60,6 +60,10 @@ class AdamShard:
                       for p, wd in zip(self.params, weight_decays, strict=True)]
         return {"ready_s": time.perf_counter() - started, "pid": os.getpid()}
 
+    def fail(self) -> None:
+        """Die without cleanup, as on a lost node: the owner's next call raises (fault injection)."""
+        os._exit(17)
+
     def put_grad(self, bucket: int, grad: np.ndarray) -> None:
         # A copy: the array lives in Ray's read-only object store and the step scales the gradient in place.
         self.params[bucket].grad = from_wire(grad, self.wire_dtype).to(torch.float32, copy=True)
@@ -148,6 +152,9 @@ class ShardStore:
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.call("load", state)
+
+    def fail(self) -> None:
+        self.submit("fail")  # not waited for: the shard dies, and the next step finds out
 
 
 def local_store() -> ShardStore:

@@ -106,10 +106,12 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 64
     exit_at_step: int = 0  # stop cleanly (after a checkpoint) at this step, to resume later; 0: run to the end
-    # Fault injection, to rehearse restarts: rank `fail_rank` dies abruptly (no cleanup, like a lost machine)
-    # when about to train step `fail_at_step`, once per run directory; 0: never.
+    # Fault injection, to rehearse restarts: when about to train step `fail_at_step` (once per run directory;
+    # 0: never), rank `fail_rank` dies abruptly (no cleanup, like a lost machine), or with fail_target=optimizer
+    # the actor holding that rank's offloaded optimizer state is killed.
     fail_at_step: int = 0
     fail_rank: int = 1
+    fail_target: str = "rank"  # rank | optimizer
     collective_timeout_s: float = 300.0
     run_dir: str = "runs/default"
 
@@ -274,6 +276,9 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(0 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
              f"use 0 (no injected failure) or a step in [1, train.steps={t.steps}]")
     _require(t.fail_rank >= 0, "train.fail_rank", t.fail_rank, "must be a rank number (0 or more)")
+    _require(t.fail_target in ("rank", "optimizer"), "train.fail_target", t.fail_target, "choose rank or optimizer")
+    _require(t.fail_target == "rank" or cfg.optim.offload != "none", "train.fail_target", t.fail_target,
+             "killing the optimizer's actor needs optim.offload=cpu")
 
     _require(c.every >= 0, "checkpoint.every", c.every, "use 0 (only at the end) or a positive interval")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "keep at least one checkpoint")

@@ -38,6 +38,9 @@ class OptimizerStore(Protocol):
 
     def load(self, state: dict[str, Tensor]) -> None: ...
 
+    def fail(self) -> None:
+        """End abruptly, as a lost node would (fault injection): every later call raises."""
+
 
 def local_shard(t: Tensor) -> Tensor:
     """This rank's part of a (possibly distributed) tensor, as a plain tensor sharing its storage."""

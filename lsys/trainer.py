@@ -226,17 +226,21 @@ class Trainer:
         return load_checkpoint(found[1], self.model, self.optimizer)
 
     def _maybe_fail(self, step: int) -> None:
-        """train.fail_at_step: die like a lost machine (no exception, no cleanup), once per run directory; the
-        marker is written first so the restarted run goes past this step."""
+        """train.fail_at_step: die like a lost machine (no exception, no cleanup), or kill the optimizer's actor,
+        once per run directory; the marker is written first so the restarted run goes past this step."""
         t = self.cfg.train
         if step + 1 != t.fail_at_step or self.session.rank != t.fail_rank:
             return
         marker = self.run_dir / f"injected_failure_step{t.fail_at_step}_rank{t.fail_rank}"
         if marker.exists():
             return
-        marker.write_text(f"rank {t.fail_rank} exited on purpose before step {t.fail_at_step}\n")
-        print(f"lsys: train.fail_at_step={t.fail_at_step}: rank {t.fail_rank} exits now", file=sys.stderr, flush=True)
-        os._exit(17)
+        what = "its optimizer's actor is killed" if t.fail_target == "optimizer" else "it exits"
+        marker.write_text(f"rank {t.fail_rank}: {what} on purpose before step {t.fail_at_step}\n")
+        print(f"lsys: train.fail_at_step={t.fail_at_step}: rank {t.fail_rank}: {what} now", file=sys.stderr, flush=True)
+        if t.fail_target == "optimizer":
+            self.optimizer.store.fail()
+        else:
+            os._exit(17)
 
     def run(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.session.is_main

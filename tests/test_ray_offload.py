@@ -1,6 +1,6 @@
 """Optimizer state offloaded to Ray actors on another node of a two-node cluster on this machine: the training
-equals local AdamW, the actors live where optim.placement says, and a run that loses a worker resumes the
-offloaded state from its checkpoint."""
+equals local AdamW, the actors live where optim.placement says, and a run that loses a worker or an actor
+resumes the offloaded state from its checkpoint."""
 
 from __future__ import annotations
 
@@ -73,12 +73,15 @@ def test_offloaded_adam_on_another_node_trains_like_local_adamw(home, local_run,
         torch.testing.assert_close(offloaded[name], local[name], msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_lost_worker_resumes_offloaded_state_from_checkpoint(home, tmp_path):
-    uninterrupted, faulted = tmp_path / "uninterrupted", tmp_path / "faulted"
-    _submit(home, uninterrupted, "optim.placement=label", "optim.label=lsys-node=1")
-    log = _submit(home, faulted, "optim.placement=label", "optim.label=lsys-node=1", "cluster.max_failures=1",
-                  "train.fail_at_step=4")
-    assert "resumed from step 2" in log
-    assert all(w["optimizer_node_id"] != w["node_id"] for w in _placements(faulted))
-    # The restarted ranks made new actors and loaded the state saved at step 2: the same steps, bit for bit.
-    torch.testing.assert_close(_losses(faulted), _losses(uninterrupted), rtol=0, atol=0)
+def test_lost_worker_or_actor_resumes_offloaded_state_from_checkpoint(home, tmp_path):
+    uninterrupted = tmp_path / "uninterrupted"
+    by_label = ["optim.placement=label", "optim.label=lsys-node=1"]
+    _submit(home, uninterrupted, *by_label)
+    for target in ("rank", "optimizer"):  # rank 1's process dies, or only the actor holding its state
+        faulted = tmp_path / f"faulted-{target}"
+        log = _submit(home, faulted, *by_label, "cluster.max_failures=1", "train.fail_at_step=4",
+                      f"train.fail_target={target}")
+        assert "resumed from step 2" in log, target
+        assert all(w["optimizer_node_id"] != w["node_id"] for w in _placements(faulted))
+        # The restarted ranks made new actors and loaded the state saved at step 2: the same steps, bit for bit.
+        torch.testing.assert_close(_losses(faulted), _losses(uninterrupted), rtol=0, atol=0, msg=target)

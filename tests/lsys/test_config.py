@@ -73,6 +73,16 @@ BAD = [
     (["quant.activations=int4"], "quant.activations='int4'"),
     (["quant.kinds=[mlp]"], "quant.kinds=['mlp']"),
     (["quant.decay=1.5"], "quant.decay=1.5"),
+    (["train.fail_at_step=200", "train.steps=100"], "train.fail_at_step=200"),
+    (["train.fail_target=node"], "train.fail_target='node': choose rank or optimizer"),
+    (["train.fail_target=optimizer"], "killing the optimizer's actor needs optim.offload=cpu"),
+    (["optim.offload=gpu"], "optim.offload='gpu': choose one of none, cpu"),
+    (["optim.offload=cpu", "optim.placement=resource"], "optim.resource='': optim.placement=resource needs"),
+    (["optim.fraction=0"], "optim.fraction=0.0: must lie in (0, 1]"),
+    (["cluster.num_workers=0"], "cluster.num_workers=0: run at least one worker"),
+    (["cluster.placement_strategy=RANDOM"], "cluster.placement_strategy='RANDOM'"),
+    (["cluster.resources_per_worker.CPU=2"], "cluster.resources_per_worker.CPU=2.0"),
+    (["cluster.max_failures=-2"], "cluster.max_failures=-2"),
 ]
 
 
