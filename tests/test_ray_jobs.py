@@ -68,7 +68,8 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(tm
 
 def test_cluster_stops_itself_once_idle_and_keeps_its_jobs_readable(tmp_path):
     home = tmp_path / "home"
-    started = lsys("cluster", "start", "--stop-when-idle", "4", home=home, timeout=180)
+    # Long enough for the submit below to reach the cluster on a slow machine, short enough to wait for.
+    started = lsys("cluster", "start", "--stop-when-idle", "15", home=home, timeout=180)
     assert started.returncode == 0, started.stderr
     submitted = lsys("submit", "configs/demo.yaml", *RUN, f"train.run_dir={tmp_path / 'run'}", home=home)
     assert submitted.returncode == 0, submitted.stderr
