@@ -175,13 +175,13 @@ def _when(seconds: float | None) -> str:
     return "-" if seconds is None else datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _records(address: str | None, home: Path | None) -> list:
-    """Live jobs, plus (for the embedded cluster) those archived by earlier ones; oldest first."""
+def _records(address: str | None, home: Path | None) -> tuple[list, set[str]]:
+    """(live jobs plus, for the embedded cluster, those archived by earlier ones, oldest first; the live ids)."""
     from launch import ray_jobs
 
     archived = {r.submission_id: r for r in ray_jobs.archived_jobs(home)} if home is not None else {}
     live = {r.submission_id: r for r in ray_jobs.list_job_infos(address)} if address else {}
-    return sorted({**archived, **live}.values(), key=lambda r: r.start_time or 0)
+    return sorted({**archived, **live}.values(), key=lambda r: r.start_time or 0), set(live)
 
 
 def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
@@ -191,7 +191,7 @@ def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
 
     address, home = _resolve(args.address)
     if args.action == "list":
-        records = _records(address, home)
+        records, _ = _records(address, home)
         if args.json:
             print(json.dumps([asdict(r) for r in records], indent=2))
             return 0
@@ -202,12 +202,13 @@ def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
                           r.metadata.get("run_dir", "-"), r.message.splitlines()[0][:60] if r.message else "")
         Console(soft_wrap=True).print(table)
         return 0
-    known = {r.submission_id: r for r in _records(address, home)}
+    records, live_ids = _records(address, home)
+    known = {r.submission_id: r for r in records}
     if args.job_id not in known:
         where = f"the cluster at {address}" if address else "the archive (no cluster is running)"
         return invalid(console, ValueError(f"job {args.job_id!r} is not known to {where}; `lsys jobs list` shows "
                                            "the jobs there are"))
-    live = address is not None and args.job_id in {r.submission_id for r in ray_jobs.list_job_infos(address)}
+    live = args.job_id in live_ids
     if args.action == "status":
         record = known[args.job_id]
         print(json.dumps(asdict(record), indent=2) if args.json else f"{record.status}: {record.message}")

@@ -132,17 +132,6 @@ def job_logs(address: str, job_id: str) -> str:
     return _client(address).get_job_logs(job_id)
 
 
-def wait_for(address: str, job_id: str, timeout_s: float) -> JobRecord:
-    """Block until the job ends (or `timeout_s` passes; then its current record)."""
-    client = _client(address)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        record = _record(client.get_job_info(job_id))
-        if record.status in TERMINAL or time.monotonic() > deadline:
-            return record
-        time.sleep(0.5)
-
-
 # -- the archive ----------------------------------------------------------------------------------------------
 
 
