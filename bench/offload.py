@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +32,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.commands import lsys  # noqa: E402
 from bench.report import write_results  # noqa: E402
 from lsys.metrics import read_metrics  # noqa: E402
 
@@ -55,17 +54,8 @@ MODES = {
 MIB = 2**20
 
 
-def _lsys(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LSYS_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-
-
 def _one_run(home: Path, run_dir: Path, overrides: list[str]) -> dict:
-    result = _lsys(home, "submit", "configs/demo.yaml", *COMMON, *overrides, f"train.run_dir={run_dir}", "--follow")
-    if result.returncode != 0:
-        raise RuntimeError(f"{overrides} failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    lsys(home, "submit", "configs/demo.yaml", *COMMON, *overrides, f"train.run_dir={run_dir}", "--follow")
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [r["step_time_s"] for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
     ranks = summary["state_bytes_per_rank"]
@@ -79,9 +69,7 @@ def measure() -> dict:
     results: dict = {"models": {}}
     with tempfile.TemporaryDirectory(prefix="lsys-offload-") as scratch:
         home = Path(scratch, "home")
-        started = _lsys(home, "cluster", "start")
-        if started.returncode != 0:
-            raise RuntimeError(started.stderr)
+        lsys(home, "cluster", "start")
         try:
             for model, overrides in MODELS.items():
                 runs = {}
@@ -90,7 +78,7 @@ def measure() -> dict:
                     print(f"{model} {mode}: {runs[mode]}", file=sys.stderr)
                 results["models"][model] = _compare(runs)
         finally:
-            _lsys(home, "cluster", "stop")
+            lsys(home, "cluster", "stop")
     return results
 
 

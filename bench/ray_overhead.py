@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.commands import lsys  # noqa: E402
 from bench.report import write_results  # noqa: E402
 from lsys.metrics import read_metrics  # noqa: E402
 
@@ -35,39 +35,28 @@ RUN = ["train.steps=40", "train.log_every=1", "train.eval_every=0", "train.eval_
 MODES = ("lsys train", "submit, new cluster", "submit, running cluster")
 
 
-def _command(mode: str, config: str, nproc: int, run_dir: Path) -> list[str]:
-    lsys = [sys.executable, "-m", "launch.cli"]
+def _arguments(mode: str, config: str, nproc: int, run_dir: Path) -> list[str]:
     overrides = [*RUN, f"train.run_dir={run_dir}"]
     if mode == "lsys train":
-        return [*lsys, "train", config, "--nproc", str(nproc), *overrides]
-    return [*lsys, "submit", config, *overrides, "--follow"]
+        return ["train", config, "--nproc", str(nproc), *overrides]
+    return ["submit", config, *overrides, "--follow"]
 
 
 def _one_run(mode: str, config: str, nproc: int, home: Path, scratch: Path) -> dict[str, float]:
     run_dir = Path(tempfile.mkdtemp(dir=scratch))
-    env = {**os.environ, "LSYS_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
     start = time.time()
-    result = subprocess.run(_command(mode, config, nproc, run_dir), cwd=ROOT, env=env, capture_output=True,
-                            text=True)
+    lsys(home, *_arguments(mode, config, nproc, run_dir))
     end = time.time()
-    if result.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
     return {"to_first_step_s": steps[0]["time"] - start, "training_s": steps[-1]["time"] - steps[0]["time"],
             "command_s": end - start}
-
-
-def _lsys(home: Path, *args: str) -> None:
-    env = {**os.environ, "LSYS_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, check=True, capture_output=True)
 
 
 def measure(config: str, nproc: int, rounds: int) -> dict:
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="lsys-bench-") as scratch:
         fresh_home, kept_home = Path(scratch, "fresh"), Path(scratch, "kept")
-        _lsys(kept_home, "cluster", "start")
+        lsys(kept_home, "cluster", "start")
         try:
             for index in range(rounds):
                 for mode in MODES:
@@ -75,7 +64,7 @@ def measure(config: str, nproc: int, rounds: int) -> dict:
                     runs[mode].append(_one_run(mode, config, nproc, home, Path(scratch)))
                     print(f"round {index + 1}/{rounds} {mode}: {runs[mode][-1]}", file=sys.stderr)
         finally:
-            _lsys(kept_home, "cluster", "stop")
+            lsys(kept_home, "cluster", "stop")
     medians = {mode: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for mode, rs in runs.items()}
     base = medians["lsys train"]
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -185,8 +186,6 @@ def _records(address: str | None, home: Path | None) -> tuple[list, set[str]]:
 
 
 def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
-    from dataclasses import asdict
-
     from launch import ray_jobs
 
     address, home = _resolve(args.address)
@@ -242,8 +241,7 @@ def cluster(args: argparse.Namespace, console: Console, invalid) -> int:
         if state is None:
             print("no embedded cluster is running")
             return 1
-        print(json.dumps({"dashboard_url": state.dashboard_url, "gcs_address": state.gcs_address,
-                          "num_nodes": state.num_nodes, "pid": state.pid}, indent=2))
+        print(json.dumps(asdict(state), indent=2))
     elif args.action == "stop":
         print("stopped" if stop_cluster(home) else "no embedded cluster was running")
     return 0
