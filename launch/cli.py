@@ -9,7 +9,7 @@ import sys
 
 from rich.console import Console
 
-from launch import ray_cli
+from launch import memory_cli, ray_cli
 
 CONFIG_HELP = (
     "CONFIG is a YAML file (see configs/); each OVERRIDE is key=value with a dotted key, e.g. "
@@ -54,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lsys",
         description="lsys: distributed long-sequence training for transformers (context parallelism, "
-                    "memory savers, Ray jobs).",
+                    "memory savers, Ray jobs, memory profiling and planning).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of the commands below; `lsys COMMAND --help` lists its options")
     _add_train(sub)
     ray_cli.add_commands(sub, CONFIG_HELP)
+    memory_cli.add_commands(sub, CONFIG_HELP)
     _add_prepare_data(sub)
     return parser
 
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)  # errors stay one greppable line
     if args.command in ("submit", "jobs", "cluster"):
         return ray_cli.main_for(args.command)(args, console, _invalid)
+    if args.command == "profile":
+        return memory_cli.profile_command(args, console, _invalid)
+    if args.command == "plan":
+        return memory_cli.plan_command(args, console, _invalid)
     handlers = {"train": _train, "prepare-data": _prepare_data}
     return handlers[args.command](args, console)
 

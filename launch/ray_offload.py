@@ -138,7 +138,8 @@ class ShardStore:
     def put_grad(self, bucket: int, grad: Tensor) -> None:
         self._in_flight.append(self.submit("put_grad", bucket, to_wire(grad)))
 
-    def step(self, grad_scale: float, lrs: list[float]) -> Iterator[Tensor]:
+    def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
+        grad_scale = float(grad_scale)
         for handle in self._in_flight:  # surfaces a failed transfer here, not silently
             self.result(handle)
         self._in_flight.clear()

@@ -31,8 +31,9 @@ class OptimizerStore(Protocol):
     def put_grad(self, bucket: int, grad: Tensor) -> None:
         """Start sending one bucket's gradient (flat, wire_dtype); returns at once."""
 
-    def step(self, grad_scale: float, lrs: list[float]) -> Iterator[Tensor]:
-        """Scale every bucket's gradient, take the AdamW step, and yield the updated parameters bucket by bucket."""
+    def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
+        """Scale every bucket's gradient, take the AdamW step, and yield the updated parameters bucket by bucket.
+        `grad_scale` may be a scalar tensor: the store reads it when it needs the value."""
 
     def state(self) -> dict[str, Tensor]: ...
 
@@ -143,8 +144,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._sent.add(index)
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale: float = 1.0):  # noqa: ARG002 - the torch.optim signature
-        """`grad_scale`: the factor clipping applied to the local gradients, which the sent ones have not seen."""
+    def step(self, closure=None, grad_scale: Tensor | float = 1.0):  # noqa: ARG002 - the torch.optim signature
+        """`grad_scale`: the factor clipping applied to the local gradients, which the sent ones have not seen
+        (a float, or a scalar tensor the store reads)."""
         for index in range(len(self.buckets)):
             if index not in self._sent:  # not streamed (no stream_gradients) or a gradient came late
                 self._send(index)

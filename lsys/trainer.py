@@ -8,7 +8,6 @@ gradients are summed. The result is the exact gradient of the global mean loss f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,22 +19,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from lsys.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, build_task
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import build_model, count_parameters
-from lsys.optim import OffloadedAdamW, OptimizerStore, build_optimizer, state_bytes
+from lsys.optim import OptimizerStore, build_optimizer, state_bytes
 from lsys.session import Session, distributed_session
-from parallel.data_parallel import gradient_sync
+from lsys.step import DTYPES, StepWork
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def learning_rate(cfg: LsysConfig, step: int) -> float:
@@ -101,6 +96,7 @@ class Trainer:
         self.model = build_model(self.model_cfg, self.device, DTYPES[cfg.train.param_dtype], cfg.train.seed)
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
         self.optimizer = build_optimizer(cfg, self.model, optimizer_store)
+        self.work = StepWork(cfg, self.model, self.optimizer, self.device)
         local_batch = cfg.train.global_batch_size // self.mesh.dp_size
         self.local_batch = local_batch
         self.micro_batch = cfg.train.micro_batch_size or local_batch
@@ -110,21 +106,6 @@ class Trainer:
         self.ckpt_root = checkpoint_root(self.run_dir)
 
     # -- one step ---------------------------------------------------------------------------------------
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        t = self.cfg.train
-        if t.compute_dtype != t.param_dtype:
-            return torch.autocast(self.device.type, dtype=DTYPES[t.compute_dtype])
-        return contextlib.nullcontext()
-
-    def _token_losses(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        # -> per-token cross-entropy [B, S_local] (at least fp32) and logits [B, S_local, V]
-        with self._autocast():
-            logits = model(batch.tokens.to(self.device), batch.positions.to(self.device))
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
-        losses = F.cross_entropy(wide.flatten(0, 1), batch.labels.to(self.device).flatten(),
-                                 reduction="none").view(batch.labels.shape)
-        return losses, logits
 
     def _train_batch(self, ids: list[int], length: int) -> Batch:
         """Training sequences of `length` tokens: synthetic tasks are generated at that length; text is
@@ -158,25 +139,8 @@ class Trainer:
         lr = learning_rate(self.cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        offloaded = isinstance(self.optimizer, OffloadedAdamW)
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            streaming = self.optimizer.stream_gradients() if offloaded and last else contextlib.nullcontext()
-            with gradient_sync(self.model, enabled=last), streaming:
-                losses, _ = self._token_losses(self.model, batch)
-                masked = (losses * batch.loss_mask.to(self.device)).sum()
-                (masked / global_tokens).backward()
-            loss_sum += masked.detach().double()
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over every shard
-            grad_norm = grad_norm.full_tensor()
-        if offloaded:  # gradients sent during backward were not clipped yet: the same factor, as torch computes it
-            self.optimizer.step(grad_scale=torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0).item())
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = self.work.accumulate_gradients(micro_batches, global_tokens)
+        grad_norm = self.work.update()
         dist.all_reduce(loss_sum, group=self.mesh.replica_group)
         elapsed = time.perf_counter() - t0
         length = micro_batches[0].tokens.shape[1] * self.mesh.cp_size
@@ -195,7 +159,7 @@ class Trainer:
         layout = self.cfg.parallel.cp_layout
         for i in range(0, len(ids), self.micro_batch):
             full = self.task.batch(ids[i:i + self.micro_batch], split="valid")
-            losses, logits = self._token_losses(self.model, shard_batch(full, self.mesh, layout))
+            losses, logits = self.work.token_losses(shard_batch(full, self.mesh, layout))
             predictions = gather_sequence(logits.argmax(-1), self.mesh, layout).cpu()
             token_losses = gather_sequence(losses, self.mesh, layout).cpu()
             totals = totals + self.task.eval_totals(full, predictions, token_losses)

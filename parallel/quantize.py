@@ -127,8 +127,10 @@ class BlockQuantizer:
 
     @staticmethod
     def _region(t: Tensor) -> tuple:
+        # The storage object, not its data pointer: fake tensors (memory planning) have no data pointers, and a
+        # storage's Python object is unique while the storage lives.
         t = _local(t)
-        return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype
+        return id(t.untyped_storage()), t.storage_offset(), t.numel(), t.dtype
 
     def is_shared(self, t: Tensor) -> bool:
         """Whether this storage region was already quantized in this block's forward."""
@@ -265,10 +267,10 @@ class _QuantizedAttention:
 def _is_input_or_its_copy(reference: Tensor) -> Callable[[Tensor], bool]:
     """Whether a saved tensor is `reference` itself (or a view of its storage), or what a projection saves
     of it under autocast: a cast copy, possibly viewed, i.e. single-input autograd steps back to it."""
-    pointer, source = _local(reference).untyped_storage().data_ptr(), reference.grad_fn
+    storage, source = _local(reference).untyped_storage(), reference.grad_fn
 
     def check(t: Tensor) -> bool:
-        if _local(t).untyped_storage().data_ptr() == pointer:
+        if _local(t).untyped_storage() is storage:
             return True
         return source is not None and any(node is source for node in _single_input_chain(t))
 

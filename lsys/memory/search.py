@@ -1,0 +1,164 @@
+"""The longest sequence that fits a per-rank memory budget (`lsys plan --budget-gib`).
+
+Candidates are every way to tile the world with the parallel degrees (ring x Ulysses x tensor x data parallel,
+heads split whole), times recomputation (none, selective, full) and stored activations (16-bit, int8). Memory
+grows linearly with the sequence for a fixed layout (flash attention stores no score matrix), so:
+  1. the analytic estimate gives each candidate's longest sequence at once, and ranks them (one per class of
+     data/tensor degree, recomputation and quantization: it cannot tell ring from Ulysses);
+  2. the best few are traced at that length and at half of it: two points give the traced line, which gives the
+     traced longest sequence;
+  3. the winner is traced once more at its length to confirm it fits.
+Data parallelism is bounded by train.global_batch_size (each replica needs whole sequences).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from lsys.config import LsysConfig, validate
+from lsys.memory.analytic import analytic_estimate
+from lsys.memory.trace import trace_rank
+from parallel.config import ParallelConfig
+
+RECOMPUTE_COST = {"none": 0, "selective": 1, "full": 2}  # extra compute, for ordering equally long candidates
+GIB = 1024**3
+CONFIRM_ATTEMPTS = 3
+NODE_GPUS = 8
+
+
+@dataclass
+class Candidate:
+    cfg: LsysConfig
+    analytic_seq_len: int
+    traced_seq_len: int = 0
+    traced_peak_bytes: int = 0
+    confirmed: bool = False
+
+    def describe(self) -> dict:
+        p = self.cfg.parallel
+        return {"dp": p.dp, "cp_ring": p.cp_ring, "cp_ulysses": p.cp_ulysses, "tp": p.tp,
+                "recompute": self.cfg.recompute.mode, "quant": self.cfg.quant.activations,
+                "analytic_seq_len": self.analytic_seq_len, "traced_seq_len": self.traced_seq_len,
+                "traced_peak_bytes": self.traced_peak_bytes, "confirmed": self.confirmed}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: LsysConfig, world_size: int) -> list[LsysConfig]:
+    """Every valid (degrees, recompute, quant) variant of `cfg` on `world_size` ranks (sequence length unset)."""
+    m, found = cfg.model, []
+    for tp in _divisors(world_size):
+        for ulysses in _divisors(world_size // tp):
+            for ring in _divisors(world_size // (tp * ulysses)):
+                dp = world_size // (tp * ulysses * ring)
+                if cfg.train.global_batch_size % dp or m.num_heads % (tp * ulysses) or m.num_kv_heads % tp:
+                    continue
+                parallel = replace(cfg.parallel, dp=dp, cp_ring=ring, cp_ulysses=ulysses, tp=tp)
+                for mode in RECOMPUTE_COST:
+                    # int8 compresses what a block stores; full recomputation stores only the block's input
+                    for quant in ("none",) if mode == "full" else ("none", "int8"):
+                        found.append(replace(cfg, parallel=parallel, recompute=replace(cfg.recompute, mode=mode),
+                                             quant=replace(cfg.quant, activations=quant)))
+    return found
+
+
+def granularity(parallel: ParallelConfig) -> int:
+    """Sequence lengths a layout accepts are multiples of this (as the trainer rounds them)."""
+    return math.lcm(8, parallel.seq_chunks)
+
+
+def with_seq_len(cfg: LsysConfig, seq_len: int) -> LsysConfig:
+    return replace(cfg, data=replace(cfg.data, seq_len=seq_len))
+
+
+def _longest(intercept: float, slope: float, budget: int, step: int) -> int:
+    return int((budget - intercept) / slope // step * step) if slope > 0 and budget > intercept else 0
+
+
+def _analytic_longest(cfg: LsysConfig, world_size: int, vocab: int, budget: int) -> int:
+    step = granularity(cfg.parallel)
+    at_zero = analytic_estimate(with_seq_len(cfg, 0), world_size, vocab).total
+    slope = (analytic_estimate(with_seq_len(cfg, step), world_size, vocab).total - at_zero) / step
+    return _longest(at_zero, slope, budget, step)
+
+
+def _fits(cfg: LsysConfig, world_size: int) -> bool:
+    try:
+        validate(cfg, world_size)
+    except ValueError:
+        return False
+    return True
+
+
+def search(cfg: LsysConfig, world_size: int, budget_bytes: int, vocab: int, top: int = 3,
+           progress: Callable[[str], None] = lambda _: None) -> list[Candidate]:
+    """The `top` candidates with the longest traced sequence under `budget_bytes` per rank, best first.
+    Raises ValueError when no layout fits even the shortest sequence."""
+    ranked = []
+    for variant in layouts(cfg, world_size):
+        longest = _analytic_longest(variant, world_size, vocab, budget_bytes)
+        if longest and _fits(with_seq_len(variant, longest), world_size):
+            ranked.append(Candidate(variant, longest))
+    if not ranked:
+        smallest = min(analytic_estimate(with_seq_len(v, 0), world_size, vocab).total
+                       for v in layouts(cfg, world_size)) if layouts(cfg, world_size) else 0
+        raise ValueError(f"--budget-gib {budget_bytes / GIB:g}: no layout of {world_size} ranks fits even the shortest "
+                         f"sequence; the model state alone needs {smallest / GIB:.2f} GiB per rank at best. Raise "
+                         "the budget or the number of ranks, or offload the optimizer (optim.offload=cpu)")
+    ranked.sort(key=_preference)
+    chosen, classes = [], set()
+    for candidate in ranked:  # one per class: the analytic estimate does not tell ring from Ulysses
+        p = candidate.cfg.parallel
+        key = (p.dp, p.tp, candidate.cfg.recompute.mode, candidate.cfg.quant.activations)
+        if key not in classes and len(chosen) < top:
+            classes.add(key)
+            chosen.append(candidate)
+    for index, candidate in enumerate(chosen):
+        _trace_line(candidate, world_size, budget_bytes, progress, f"{index + 1}/{len(chosen)}")
+    chosen.sort(key=lambda c: (-c.traced_seq_len, RECOMPUTE_COST[c.cfg.recompute.mode]))
+    _confirm(chosen[0], world_size, budget_bytes, progress)
+    if not chosen[0].confirmed:
+        raise ValueError(f"--budget-gib {budget_bytes / GIB:g}: the traced memory of the best layouts exceeds the "
+                         "budget even at the shortest sequence; raise the budget or the number of ranks")
+    return chosen
+
+
+def _preference(candidate: Candidate) -> tuple:
+    """Longest analytic sequence first; then less recomputation, no quantization, less tensor parallelism, and
+    Ulysses over the (at most 8) GPUs of a node with the ring across nodes, the usual hybrid layout."""
+    p = candidate.cfg.parallel
+    return (-candidate.analytic_seq_len, RECOMPUTE_COST[candidate.cfg.recompute.mode],
+            candidate.cfg.quant.activations != "none", p.tp, p.cp_ulysses * p.tp > NODE_GPUS, -p.cp_ulysses)
+
+
+def _trace_line(candidate: Candidate, world_size: int, budget: int, progress: Callable[[str], None],
+                label: str) -> None:
+    """Trace at the analytic length and half of it; the line through both gives the traced longest sequence."""
+    step = granularity(candidate.cfg.parallel)
+    far = max(2 * step, candidate.analytic_seq_len)
+    near = max(step, far // 2 // step * step)
+    progress(f"tracing candidate {label} at {near:,} and {far:,} tokens")
+    high = trace_rank(with_seq_len(candidate.cfg, far), world_size).peak_bytes
+    low = trace_rank(with_seq_len(candidate.cfg, near), world_size).peak_bytes
+    slope = (high - low) / (far - near)
+    candidate.traced_seq_len = _longest(high - slope * far, slope, budget, step)
+    candidate.traced_peak_bytes = round(high + slope * (candidate.traced_seq_len - far))
+
+
+def _confirm(candidate: Candidate, world_size: int, budget: int, progress: Callable[[str], None]) -> None:
+    """Trace the winner at its length; step down while it does not fit (the line is exact up to rounding)."""
+    step = granularity(candidate.cfg.parallel)
+    for _ in range(CONFIRM_ATTEMPTS):
+        if candidate.traced_seq_len < step:
+            return
+        progress(f"confirming {candidate.traced_seq_len:,} tokens")
+        peak = trace_rank(with_seq_len(candidate.cfg, candidate.traced_seq_len), world_size).peak_bytes
+        candidate.traced_peak_bytes = peak
+        if peak <= budget:
+            candidate.confirmed = True
+            return
+        candidate.traced_seq_len -= step

@@ -1,0 +1,279 @@
+"""Which tensors a rank holds at every moment of a training step, and why: a dispatch-mode memory tracker.
+
+    tracker = MemoryTracker(model, optimizer)
+    with tracker:
+        work.probe = tracker          # the step announces its phases
+        ...run steps...
+    usage = tracker.usage()           # peak, breakdown at the peak, timeline
+
+Every operator's outputs are seen here; each new storage gets a record (bytes, when it was born and freed, the
+phase and innermost module running at birth). A storage's weak reference tells when it is freed, so the same
+tracker works on real tensors (the profiler) and on fake ones, which own no memory (the planner). Categories:
+
+- params: the rank's parameter shards (and buffers), held before the step;
+- gathered_params: full parameters FSDP2 gathers for a block (it grows and frees their storage in place, which
+  no operator shows, so `UntypedStorage.resize_` is watched while tracking);
+- grads: a gradient once it is final (post-accumulate-grad hook), for its whole life;
+- optimizer: the optimizer's state tensors (Adam moments, step counts);
+- activations: born in a forward and still alive when that forward ends: what backward keeps, whatever keeps it
+  (autograd, a checkpoint's inputs, a selective-recompute cache, int8 payloads), by layer;
+- temporaries: everything else (workspaces, communication buffers, recomputed activations, unsharded gradients).
+
+Operators on DTensors are left to DTensor (this mode declines them), so the local operators it runs, and their
+buffers, are seen too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lsys.optim import OffloadedAdamW, local_shard
+from parallel.activations import OUTSIDE, split_path
+
+CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
+TIMELINE_POINTS = 600
+
+
+class _Record:
+    __slots__ = ("nbytes", "start", "end", "phase", "module", "category", "ref")
+
+    def __init__(self, nbytes: int, start: int, phase: str, module: str, category: str | None):
+        self.nbytes, self.start, self.end = nbytes, start, None
+        self.phase, self.module, self.category = phase, module, category
+        self.ref: weakref.ref | None = None
+
+
+@dataclass
+class MemoryUsage:
+    """One rank's tracked memory: the peak and its breakdown, and the timeline of every category."""
+
+    peak_bytes: int
+    start_bytes: int  # held when tracking began (the state carried from step to step)
+    breakdown: dict[str, int]  # category -> bytes at the peak (sums to peak_bytes)
+    activations_by_layer: dict[str, int]  # at the peak
+    stored_activations_bytes: int  # the most any forward left alive for its backward
+    peak_step: int
+    peak_phase: str
+    timeline: dict[str, list[int]] = field(default_factory=dict)  # "clock" and one series per category
+    phases: list[dict] = field(default_factory=list)  # {"step", "phase", "start", "end"} on the same clock
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "start_bytes": self.start_bytes, **self.breakdown,
+                "activations_by_layer": self.activations_by_layer,
+                "stored_activations_bytes": self.stored_activations_bytes,
+                "peak_at": {"step": self.peak_step, "phase": self.peak_phase},
+                "timeline": self.timeline, "phases": self.phases}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The state tensors this rank's optimizer holds itself (none of what an optimizer store keeps elsewhere)."""
+    inner = optimizer.kept if isinstance(optimizer, OffloadedAdamW) else optimizer
+    if inner is None:
+        return []
+    return [local_shard(v) for state in inner.state.values() for v in state.values() if isinstance(v, Tensor)]
+
+
+class MemoryTracker(TorchDispatchMode):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__()
+        self.model, self.optimizer = model, optimizer
+        self._records: list[_Record] = []
+        self._live: dict[int, _Record] = {}  # id(storage) -> record; a storage's Python object lives as long as it
+        self._clock = 0
+        self._lock = threading.RLock()  # frees come from autograd's device threads, or from a collection inside
+        self._phase, self._phase_start, self._step = "setup", 0, 0
+        self._modules: list[str] = []
+        self._phases: list[dict] = []
+        self._handles: list = []
+        self._stored_max = 0
+        self._original_resize = None
+        self._start_clock = self._end_clock = 0
+
+    # -- recording ------------------------------------------------------------------------------------------
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _open(self, storage: torch.UntypedStorage, category: str | None) -> _Record:
+        with self._lock:
+            record = _Record(storage.nbytes(), self._tick(), self._phase,
+                             self._modules[-1] if self._modules else OUTSIDE, category)
+            key = id(storage)
+            record.ref = weakref.ref(storage, lambda _, r=record, k=key: self._close(r, k))
+            self._live[key] = record
+            self._records.append(record)
+            return record
+
+    def _close(self, record: _Record, key: int) -> None:
+        with self._lock:
+            if record.end is None:
+                record.end = self._tick()
+            if self._live.get(key) is record:
+                del self._live[key]
+
+    def _see(self, tensor: Tensor, category: str | None = None) -> _Record | None:
+        try:
+            storage = local_shard(tensor).untyped_storage()
+        except (NotImplementedError, RuntimeError):  # tensors without a storage (sparse, nested)
+            return None
+        record = self._live.get(id(storage))
+        if record is not None and record.nbytes != storage.nbytes():  # an out= operator resized it
+            self._close(record, id(storage))
+            record = self._open(storage, record.category)
+        if record is None:
+            record = self._open(storage, category)
+        elif category is not None:
+            record.category = category
+        return record
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        record = self._live.get(id(storage))
+        if record is not None and record.nbytes == storage.nbytes():
+            return
+        if record is not None:
+            if record.category in (None, "activations"):  # made by an operator, but it is a gathered buffer
+                record.category = "gathered_params"
+            self._close(record, id(storage))
+        if storage.nbytes():
+            self._open(storage, "gathered_params")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # DTensor runs local operators, which come back here
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, Tensor):
+                self._see(leaf)
+        return out
+
+    # -- what the step tells it -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Around one phase of the step ("forward", "backward", "optimizer"); a new forward after an optimizer
+        phase starts a new step."""
+        if name == "forward" and self._phases and self._phases[-1]["phase"] == "optimizer":
+            self._step += 1
+        self._phase, self._phase_start = name, self._clock
+        try:
+            yield
+        finally:
+            self._end_phase(name)
+
+    def _end_phase(self, name: str) -> None:
+        if name == "forward":
+            stored = 0
+            for record in list(self._live.values()):
+                if record.category is None and record.phase == "forward" and record.start > self._phase_start:
+                    record.category = "activations"
+                    stored += record.nbytes
+            self._stored_max = max(self._stored_max, stored)
+        if name == "optimizer":
+            for tensor in optimizer_tensors(self.optimizer):
+                self._see(tensor, "optimizer")
+        self._phases.append({"step": self._step, "phase": name, "start": self._phase_start, "end": self._clock})
+        self._phase = "between"
+
+    def _enter_module(self, path: str) -> None:
+        self._modules.append(path)
+
+    def _leave_module(self) -> None:
+        self._modules.pop()
+
+    def _final_grad(self, param: Tensor) -> None:
+        if param.grad is not None:
+            self._see(param.grad, "grads")
+
+    # -- entering and leaving ---------------------------------------------------------------------------------
+
+    def __enter__(self):
+        if self._original_resize is not None:
+            raise RuntimeError("a MemoryTracker is entered once")
+        for param in self.model.parameters():
+            self._see(param, "params")
+            if param.grad is not None:
+                self._see(param.grad, "grads")
+            self._handles.append(param.register_post_accumulate_grad_hook(self._final_grad))
+        for buffer in self.model.buffers():
+            self._see(buffer, "params")
+        for tensor in optimizer_tensors(self.optimizer):
+            self._see(tensor, "optimizer")
+        for name, module in self.model.named_modules():
+            path = name or OUTSIDE
+            self._handles.append(module.register_forward_pre_hook(lambda *_, p=path: self._enter_module(p)))
+            self._handles.append(module.register_forward_hook(lambda *_: self._leave_module(), always_call=True))
+        self._start_clock = self._clock
+        original = self._original_resize = torch.UntypedStorage.resize_
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            result = original(storage, size)
+            self._resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            torch.UntypedStorage.resize_ = self._original_resize
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            with self._lock:
+                self._end_clock = self._tick()
+
+    # -- the result -----------------------------------------------------------------------------------------------
+
+    def usage(self) -> MemoryUsage:
+        """Peak, breakdown and timeline of everything recorded while the tracker was entered."""
+        end = self._end_clock
+        deltas = {c: np.zeros(end + 2, dtype=np.int64) for c in CATEGORIES}
+        records = list(self._records)
+        for record in records:
+            series = deltas[record.category or "temporaries"]
+            series[record.start] += record.nbytes
+            if record.end is not None and record.end <= end:  # else still held when tracking stopped
+                series[record.end] -= record.nbytes
+        levels = {c: np.cumsum(d) for c, d in deltas.items()}
+        total = sum(levels.values())
+        at = int(np.argmax(total))
+        by_layer: dict[str, int] = {}
+        for record in records:
+            alive = record.start <= at and (record.end is None or at < record.end)
+            if alive and record.category == "activations":
+                layer = split_path(record.module)[0] if record.module != OUTSIDE else OUTSIDE
+                by_layer[layer] = by_layer.get(layer, 0) + record.nbytes
+        between = {"step": self._step, "phase": "between"}
+        where = next((p for p in self._phases if p["start"] <= at <= p["end"]), between)
+        clock = np.unique(np.append(np.linspace(0, end, TIMELINE_POINTS).astype(np.int64), at))
+        return MemoryUsage(
+            peak_bytes=int(total[at]),
+            start_bytes=int(total[self._start_clock]),
+            breakdown={c: int(levels[c][at]) for c in CATEGORIES},
+            activations_by_layer=dict(sorted(by_layer.items(), key=_layer_order)),
+            stored_activations_bytes=self._stored_max,
+            peak_step=where["step"],
+            peak_phase=where["phase"],
+            timeline={"clock": clock.tolist(), **{c: levels[c][clock].tolist() for c in CATEGORIES}},
+            phases=self._phases,
+        )
+
+
+def _layer_order(item: tuple[str, int]) -> tuple:
+    """blocks.2 before blocks.10; named layers (embed, lm_head) after the blocks by name."""
+    parts = item[0].split(".")
+    return (0, parts[0], int(parts[-1])) if parts[-1].isdigit() else (1, item[0], 0)

@@ -1,0 +1,90 @@
+"""One optimizer step's tensor work on one rank: forward and backward over the micro-batches, clipping, the update.
+
+Nothing here reads a tensor's value (no `.item()`), so the same code runs on real tensors (the trainer, the memory
+profiler) and on fake ones (the planner traces one rank of a cluster this machine does not have). A probe sees the
+step's phases ("forward", "backward", "optimizer"): the memory tracker uses them to tell stored activations from
+temporaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from lsys.config import LsysConfig
+from lsys.data import Batch
+from lsys.optim import OffloadedAdamW
+from parallel.data_parallel import gradient_sync
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class StepProbe(Protocol):
+    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
+
+
+class NoProbe:
+    def phase(self, name: str) -> contextlib.AbstractContextManager:  # noqa: ARG002 - the probe protocol
+        return contextlib.nullcontext()
+
+
+class StepWork:
+    def __init__(self, cfg: LsysConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.probe: StepProbe = NoProbe()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        t = self.cfg.train
+        if t.compute_dtype != t.param_dtype:
+            return torch.autocast(self.device.type, dtype=DTYPES[t.compute_dtype])
+        return contextlib.nullcontext()
+
+    def token_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        # batch: [B, S_local] -> per-token cross-entropy [B, S_local] (at least fp32), logits [B, S_local, V]
+        with self.autocast():
+            logits = self.model(batch.tokens.to(self.device), batch.positions.to(self.device))
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
+        losses = F.cross_entropy(wide.flatten(0, 1), batch.labels.to(self.device).flatten(),
+                                 reduction="none").view(batch.labels.shape)
+        return losses, logits
+
+    def accumulate_gradients(self, micro_batches: list[Batch], global_tokens: float) -> Tensor:
+        """Forward and backward of every micro-batch (gradients synchronised on the last); returns the summed
+        masked loss (fp64 scalar) of this rank. The loss is divided by the GLOBAL token count."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        offloaded = isinstance(self.optimizer, OffloadedAdamW)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            streaming = self.optimizer.stream_gradients() if offloaded and last else contextlib.nullcontext()
+            with gradient_sync(self.model, enabled=last), streaming:
+                with self.probe.phase("forward"):
+                    losses = self.token_losses(batch)[0]  # the logits are not kept alive through backward
+                    masked = (losses * batch.loss_mask.to(self.device)).sum()
+                    del losses
+                with self.probe.phase("backward"):
+                    (masked / global_tokens).backward()
+            loss_sum += masked.detach().double()
+        return loss_sum
+
+    def update(self) -> Tensor:
+        """Clip the gradients, step, drop the gradients; returns the global gradient norm (a scalar tensor)."""
+        with self.probe.phase("optimizer"):
+            max_norm = self.cfg.train.grad_clip or float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over every shard
+                grad_norm = grad_norm.full_tensor()
+            if isinstance(self.optimizer, OffloadedAdamW):
+                # Gradients sent during backward were not clipped yet: the same factor, as torch computes it.
+                self.optimizer.step(grad_scale=torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0))
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm

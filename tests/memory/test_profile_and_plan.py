@@ -1,0 +1,84 @@
+"""The memory profiler and planner: the tracker agrees with the stored-activation counter and the allocator, and the
+fake-tensor trace of one rank predicts what every real rank measures, at 2 and 4 CPU ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from launch.local import spawn
+from lsys.config import LsysConfig, config_from_dict, load_config, to_dict
+from lsys.memory.profile import profile_rank
+
+# Small enough for seconds per layout, big enough that activations dominate (as they do at long context).
+SMALL = ["train.device=cpu", "train.global_batch_size=4", "data.seq_len=256", "data.curriculum.start_len=0",
+         "parallel.dp=-1", "parallel.cp_ring=1"]
+
+LAYOUTS = {
+    "ring2-zigzag-int8": (2, ["parallel.cp_ring=2", "quant.activations=int8"]),
+    "tp2-selective-bf16": (2, ["parallel.tp=2", "recompute.mode=selective", "train.compute_dtype=bfloat16"]),
+    "dp2-ring2-fsdp": (4, ["parallel.cp_ring=2"]),
+    "ulysses2-tp2-full": (4, ["parallel.cp_ulysses=2", "parallel.tp=2", "recompute.mode=full"]),
+}
+
+
+def _config(overrides: list[str]) -> LsysConfig:
+    return load_config("configs/demo.yaml", [*SMALL, *overrides])
+
+
+def _planned_peak(values: dict[str, Any], world_size: int) -> dict[str, Any]:
+    from lsys.memory.trace import trace_rank
+
+    return trace_rank(config_from_dict(values), world_size).to_dict()
+
+
+def _stored_by_both_counters(values: dict[str, Any]) -> tuple[int, int, dict, dict[str, int]]:
+    """One rank: the tracker's stored activations over a step, and the torch.profiler-based counter's for the
+    same forward; the tracked breakdown; the state the rank holds."""
+    from lsys.memory.tracker import MemoryTracker
+    from lsys.optim import state_bytes
+    from lsys.session import distributed_session
+    from lsys.trainer import Trainer
+    from parallel.activations import measure_stored_activations
+
+    cfg = config_from_dict(values)
+    with distributed_session("cpu", 60) as session:
+        trainer = Trainer(cfg, session)
+        tracker = MemoryTracker(trainer.model, trainer.optimizer)
+        trainer.work.probe = tracker
+        with tracker:
+            for step in range(2):
+                trainer.train_step(step)
+        usage = tracker.usage()
+        batch = trainer._micro_batches(0)[0]
+        _, stored = measure_stored_activations(trainer.model, lambda: trainer.work.token_losses(batch)[0].sum())
+        return usage.stored_activations_bytes, stored.total_bytes(), usage.to_dict(), state_bytes(trainer.model,
+                                                                                                  trainer.optimizer)
+
+
+def test_tracker_agrees_with_the_stored_activation_counter_and_the_state():
+    tracked, counted, usage, state = spawn(_stored_by_both_counters, 1, (to_dict(_config([])),))[0]
+    # The counter leaves out the forward's returned scalar; the tracker keeps the masked loss sum alive too.
+    assert abs(tracked - counted) <= 16, (tracked, counted)
+    assert usage["peak_at"]["step"] == 1, "the second step holds the optimizer state the first created"
+    assert usage["params"] == state["parameters"]
+    assert usage["optimizer"] >= state["optimizer"]  # plus Adam's step counters
+    assert usage["optimizer"] - state["optimizer"] <= 8 * 64
+    categories = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
+    assert sum(usage[c] for c in categories) == usage["peak_bytes"]
+    assert sum(usage["activations_by_layer"].values()) == usage["activations"]
+    assert {"blocks.0", "blocks.1"} <= set(usage["activations_by_layer"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_planner_predicts_what_every_rank_measures(layout, tmp_path):
+    world_size, overrides = LAYOUTS[layout]
+    values = to_dict(_config(overrides))
+    measured = spawn(profile_rank, world_size, (values, 2, str(tmp_path)), timeout_s=300)
+    planned = spawn(_planned_peak, 1, (values, world_size), timeout_s=300)[0]
+    for rank in measured:
+        error = abs(planned["peak_bytes"] - rank["peak_bytes"]) / rank["peak_bytes"]
+        assert error < 0.10, f"rank {rank['rank']}: planned {planned['peak_bytes']}, measured {rank['peak_bytes']}"
+        assert rank["params"] == planned["params"] and rank["optimizer"] == planned["optimizer"]
