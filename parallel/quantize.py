@@ -267,10 +267,11 @@ class _QuantizedAttention:
 def _is_input_or_its_copy(reference: Tensor) -> Callable[[Tensor], bool]:
     """Whether a saved tensor is `reference` itself (or a view of its storage), or what a projection saves
     of it under autocast: a cast copy, possibly viewed, i.e. single-input autograd steps back to it."""
-    storage, source = _local(reference).untyped_storage(), reference.grad_fn
+    # The storage object (fake tensors have no data pointer), held weakly so the check keeps no memory alive.
+    storage, source = weakref.ref(_local(reference).untyped_storage()), reference.grad_fn
 
     def check(t: Tensor) -> bool:
-        if _local(t).untyped_storage() is storage:
+        if _local(t).untyped_storage() is storage():
             return True
         return source is not None and any(node is source for node in _single_input_chain(t))
 

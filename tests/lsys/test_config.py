@@ -23,7 +23,7 @@ def test_every_preset_loads_and_validates(name):
     assert isinstance(cfg, LsysConfig)
     # The rank count the preset's header tells users to launch with must be one it accepts.
     launched = re.search(r"--nproc (\d+)", (CONFIGS / name).read_text())
-    validate(cfg, int(launched.group(1)) if launched else 1)
+    validate(cfg, int(launched.group(1)) if launched else cfg.cluster.num_workers)
     validate_for_cluster(cfg)  # and `lsys submit` runs it as it is
 
 
