@@ -2,10 +2,10 @@
 
 Rank 0 of `world_size` ranks joins a fake process group (collectives return at once, nothing is sent) and builds
 the model under `FakeTensorMode` (tensors have shapes, dtypes and storages of the right size, but own no memory).
-The real `parallelize()` and optimizer, and the trainer's own step code (`lsys.step.StepWork`), then run one step
-while `MemoryTracker` records every storage, exactly as the profiler does on real tensors. Ranks are symmetric
-(every degree splits the work evenly), so rank 0 stands for all of them; FSDP2's uneven last shard makes rank 0
-the largest if anything.
+The real `parallelize()` and optimizer, and the trainer's own step code (`lsys.step.StepWork`), then run
+one steady step while `MemoryTracker` records every storage, exactly as the profiler does on real tensors.
+Ranks are symmetric (every degree splits the work evenly), so rank 0 stands for all of them; FSDP2's uneven last
+shard makes rank 0 the largest if anything.
 
 The planned device is the one of these kernels' CPU path: its flash attention keeps the same tensors (out and
 log-sum-exp) as the Triton kernels on GPU.
@@ -30,7 +30,7 @@ from lsys.model import Transformer
 from lsys.optim import build_optimizer
 from lsys.step import DTYPES, StepWork
 from lsys.trainer import shard_batch, task_options
-from parallel.mesh import build_mesh
+from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
 
 CPU = torch.device("cpu")
@@ -94,6 +94,12 @@ def _batches(cfg: LsysConfig, dp: int) -> list[Batch]:
             for _ in range(local // micro)]
 
 
+def _step(work: StepWork, cfg: LsysConfig, mesh: MeshInfo) -> None:
+    batches = [shard_batch(b, mesh, cfg.parallel.cp_layout) for b in _batches(cfg, mesh.dp_size)]
+    work.accumulate_gradients(batches, float(cfg.train.global_batch_size * cfg.data.seq_len))
+    work.update()
+
+
 def _initialise_optimizer(work: StepWork) -> None:
     """Create the optimizer's state (Adam allocates it at its first step) so the traced step is a steady one."""
     for param in work.model.parameters():
@@ -128,13 +134,9 @@ def trace_rank(cfg: LsysConfig, world_size: int) -> MemoryUsage:
             store = PlannedStore() if cfg.optim.offload != "none" else None
             work = StepWork(cfg, model, build_optimizer(cfg, model, store), CPU)
             _initialise_optimizer(work)
-            tracker = MemoryTracker(model, work.optimizer)
+            tracker = MemoryTracker(model, work.optimizer, fake_mode=fake)
             work.probe = tracker
-            tokens = float(cfg.train.global_batch_size * cfg.data.seq_len)
             with tracker:
-                batches = [shard_batch(b, mesh, cfg.parallel.cp_layout) for b in _batches(cfg, mesh.dp_size)]
-                work.accumulate_gradients(batches, tokens)
-                work.update()
-                del batches
+                _step(work, cfg, mesh)
     return tracker.usage()
 

@@ -20,12 +20,15 @@ tracker works on real tensors (the profiler) and on fake ones, which own no memo
 - temporaries: everything else (workspaces, communication buffers, recomputed activations, unsharded gradients).
 
 Operators on DTensors are left to DTensor (this mode declines them), so the local operators it runs, and their
-buffers, are seen too.
+buffers, are seen too. DTensor works out each new operator's output sharding by running it on fake tensors of the
+global shape; those hold no memory, and when planning they are tensors of the planner's own fake mode, so
+`ShardingPropagator`'s shape inference is watched too and what it runs is not recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -34,8 +37,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from lsys.optim import OffloadedAdamW, local_shard
@@ -43,15 +48,18 @@ from parallel.activations import OUTSIDE, split_path
 
 CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
 TIMELINE_POINTS = 600
+WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 
 
 class _Record:
-    __slots__ = ("nbytes", "start", "end", "phase", "module", "category", "ref")
+    __slots__ = ("nbytes", "start", "end", "phase", "module", "category", "refs", "holders", "pointer")
 
     def __init__(self, nbytes: int, start: int, phase: str, module: str, category: str | None):
         self.nbytes, self.start, self.end = nbytes, start, None
         self.phase, self.module, self.category = phase, module, category
-        self.ref: weakref.ref | None = None
+        self.refs: list[weakref.ref] = []  # one per storage object over this memory
+        self.holders = 0
+        self.pointer: int | None = None
 
 
 @dataclass
@@ -85,11 +93,13 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 class MemoryTracker(TorchDispatchMode):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, fake_mode: FakeTensorMode | None = None):
+        """`fake_mode`: the mode whose fake tensors stand for memory (planning); None on real tensors."""
         super().__init__()
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.fake_mode = model, optimizer, fake_mode
         self._records: list[_Record] = []
         self._live: dict[int, _Record] = {}  # id(storage) -> record; a storage's Python object lives as long as it
+        self._pointers: dict[int, _Record] = {}  # data pointer -> record, to see through aliasing storages
         self._clock = 0
         self._lock = threading.RLock()  # frees come from autograd's device threads, or from a collection inside
         self._phase, self._phase_start, self._step = "setup", 0, 0
@@ -97,7 +107,8 @@ class MemoryTracker(TorchDispatchMode):
         self._phases: list[dict] = []
         self._handles: list = []
         self._stored_max = 0
-        self._original_resize = None
+        self._original_resize = self._original_inference = None
+        self._inferring_shapes = 0
         self._start_clock = self._end_clock = 0
 
     # -- recording ------------------------------------------------------------------------------------------
@@ -110,18 +121,51 @@ class MemoryTracker(TorchDispatchMode):
         with self._lock:
             record = _Record(storage.nbytes(), self._tick(), self._phase,
                              self._modules[-1] if self._modules else OUTSIDE, category)
-            key = id(storage)
-            record.ref = weakref.ref(storage, lambda _, r=record, k=key: self._close(r, k))
-            self._live[key] = record
+            self._hold(storage, record)
+            record.pointer = _pointer(storage)
+            if record.pointer:
+                self._pointers[record.pointer] = record
             self._records.append(record)
             return record
 
-    def _close(self, record: _Record, key: int) -> None:
+    def _hold(self, storage: torch.UntypedStorage, record: _Record) -> None:
+        """One more storage object over the record's memory; the memory is freed when the last one is."""
+        key = id(storage)
+        record.refs.append(weakref.ref(storage, lambda _, r=record, k=key: self._release(r, k)))
+        record.holders += 1
+        self._live[key] = record
+
+    def _release(self, record: _Record, key: int) -> None:
+        with self._lock:
+            if self._live.get(key) is record:
+                del self._live[key]
+            record.holders -= 1
+            if record.holders == 0:
+                self._close(record)
+
+    def _close(self, record: _Record) -> None:
         with self._lock:
             if record.end is None:
                 record.end = self._tick()
-            if self._live.get(key) is record:
-                del self._live[key]
+            if record.pointer and self._pointers.get(record.pointer) is record:
+                del self._pointers[record.pointer]
+
+    def _forget(self, storage: torch.UntypedStorage, record: _Record) -> None:
+        """The storage's memory changed size in place: its record ends now (a new one starts if it has bytes)."""
+        self._live.pop(id(storage), None)
+        self._close(record)
+
+    def _share(self, output: Tensor, source: Tensor) -> None:
+        """`output` holds `source`'s memory: c10d's wait_tensor hands back its input, but on fake tensors the
+        output gets a storage object of its own."""
+        storage = output.untyped_storage()
+        record = self._live.get(id(source.untyped_storage()))
+        if id(storage) in self._live:
+            return
+        if record is None:
+            self._see(output)
+        else:
+            self._hold(storage, record)
 
     def _see(self, tensor: Tensor, category: str | None = None) -> _Record | None:
         try:
@@ -129,9 +173,15 @@ class MemoryTracker(TorchDispatchMode):
         except (NotImplementedError, RuntimeError):  # tensors without a storage (sparse, nested)
             return None
         record = self._live.get(id(storage))
+        if record is None and not _holds_memory(storage):
+            return None
         if record is not None and record.nbytes != storage.nbytes():  # an out= operator resized it
-            self._close(record, id(storage))
+            self._forget(storage, record)
             record = self._open(storage, record.category)
+        if record is None:
+            # A second storage over memory already counted (c10d's functional collectives wrap their outputs
+            # this way) is the same memory, not more of it.
+            record = self._pointers.get(_pointer(storage) or -1)
         if record is None:
             record = self._open(storage, category)
         elif category is not None:
@@ -145,7 +195,7 @@ class MemoryTracker(TorchDispatchMode):
         if record is not None:
             if record.category in (None, "activations"):  # made by an operator, but it is a gathered buffer
                 record.category = "gathered_params"
-            self._close(record, id(storage))
+            self._forget(storage, record)
         if storage.nbytes():
             self._open(storage, "gathered_params")
 
@@ -153,10 +203,24 @@ class MemoryTracker(TorchDispatchMode):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor runs local operators, which come back here
         out = func(*args, **(kwargs or {}))
+        if self._inferring_shapes:
+            return out
+        if func is WAIT_TENSOR:
+            self._share(out, args[0])
+            return out
+        if _returns_alias(func):  # views and in-place operators: no new memory (fake views may not share storage)
+            return out
         for leaf in tree_leaves(out):
-            if isinstance(leaf, Tensor):
+            if isinstance(leaf, Tensor) and self._counts(leaf):
                 self._see(leaf)
         return out
+
+    def _counts(self, tensor: Tensor) -> bool:
+        """A wrapper subclass (c10d's AsyncCollectiveTensor) reports its inner tensor's size, and the inner tensor
+        is counted on its own; fake tensors of another fake mode (DTensor's sharding propagation) hold nothing."""
+        if is_traceable_wrapper_subclass(tensor):
+            return False
+        return not isinstance(tensor, FakeTensor) or tensor.fake_mode is self.fake_mode
 
     # -- what the step tells it -------------------------------------------------------------------------------
 
@@ -223,6 +287,16 @@ class MemoryTracker(TorchDispatchMode):
             return result
 
         torch.UntypedStorage.resize_ = resize_
+        original_inference = self._original_inference = ShardingPropagator._propagate_tensor_meta_non_cached
+
+        def infer_shapes(propagator: ShardingPropagator, op_schema):
+            self._inferring_shapes += 1
+            try:
+                return original_inference(propagator, op_schema)
+            finally:
+                self._inferring_shapes -= 1
+
+        ShardingPropagator._propagate_tensor_meta_non_cached = infer_shapes
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -230,6 +304,7 @@ class MemoryTracker(TorchDispatchMode):
             return super().__exit__(*exc)
         finally:
             torch.UntypedStorage.resize_ = self._original_resize
+            ShardingPropagator._propagate_tensor_meta_non_cached = self._original_inference
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
@@ -259,7 +334,10 @@ class MemoryTracker(TorchDispatchMode):
                 by_layer[layer] = by_layer.get(layer, 0) + record.nbytes
         between = {"step": self._step, "phase": "between"}
         where = next((p for p in self._phases if p["start"] <= at <= p["end"]), between)
-        clock = np.unique(np.append(np.linspace(0, end, TIMELINE_POINTS).astype(np.int64), at))
+        # The highest moment of each stretch of the clock, so narrow peaks survive the sampling.
+        edges = np.linspace(0, end + 1, TIMELINE_POINTS + 1).astype(np.int64)
+        stretches = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+        clock = np.unique([lo + int(np.argmax(total[lo:hi])) for lo, hi in stretches])
         return MemoryUsage(
             peak_bytes=int(total[at]),
             start_bytes=int(total[self._start_clock]),
@@ -271,6 +349,31 @@ class MemoryTracker(TorchDispatchMode):
             timeline={"clock": clock.tolist(), **{c: levels[c][clock].tolist() for c in CATEGORIES}},
             phases=self._phases,
         )
+
+
+@functools.cache
+def _returns_alias(func) -> bool:
+    """Whether every output of the operator aliases an input (views, in-place and out= variants)."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None for r in returns)
+
+
+def _pointer(storage: torch.UntypedStorage) -> int | None:
+    """The data pointer of real memory; fake tensors (meta storages) and empty storages have none."""
+    if storage.device.type == "meta" or not storage.nbytes():
+        return None
+    return storage.data_ptr()
+
+
+def _holds_memory(storage: torch.UntypedStorage) -> bool:
+    """False for a storage without data of its own (a wrapper subclass's, seen through a view of it)."""
+    if storage.device.type == "meta":
+        return True
+    try:
+        storage.data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _layer_order(item: tuple[str, int]) -> tuple:

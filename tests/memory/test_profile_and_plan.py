@@ -78,7 +78,7 @@ def test_planner_predicts_what_every_rank_measures(layout, tmp_path):
     values = to_dict(_config(overrides))
     measured = spawn(profile_rank, world_size, (values, 2, str(tmp_path)), timeout_s=300)
     planned = spawn(_planned_peak, 1, (values, world_size), timeout_s=300)[0]
-    for rank in measured:
+    for rank in measured:  # the bar is 10%; measured: a few bytes, once 2.7% (one ring rank's transfer timing)
         error = abs(planned["peak_bytes"] - rank["peak_bytes"]) / rank["peak_bytes"]
-        assert error < 0.10, f"rank {rank['rank']}: planned {planned['peak_bytes']}, measured {rank['peak_bytes']}"
+        assert error < 0.05, f"rank {rank['rank']}: planned {planned['peak_bytes']}, measured {rank['peak_bytes']}"
         assert rank["params"] == planned["params"] and rank["optimizer"] == planned["optimizer"]
