@@ -52,14 +52,13 @@ WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 
 
 class _Record:
-    __slots__ = ("nbytes", "start", "end", "phase", "module", "category", "refs", "holders", "pointer")
+    __slots__ = ("nbytes", "start", "end", "phase", "module", "category", "refs", "holders")
 
     def __init__(self, nbytes: int, start: int, phase: str, module: str, category: str | None):
         self.nbytes, self.start, self.end = nbytes, start, None
         self.phase, self.module, self.category = phase, module, category
         self.refs: list[weakref.ref] = []  # one per storage object over this memory
         self.holders = 0
-        self.pointer: int | None = None
 
 
 @dataclass
@@ -99,7 +98,6 @@ class MemoryTracker(TorchDispatchMode):
         self.model, self.optimizer, self.fake_mode = model, optimizer, fake_mode
         self._records: list[_Record] = []
         self._live: dict[int, _Record] = {}  # id(storage) -> record; a storage's Python object lives as long as it
-        self._pointers: dict[int, _Record] = {}  # data pointer -> record, to see through aliasing storages
         self._clock = 0
         self._lock = threading.RLock()  # frees come from autograd's device threads, or from a collection inside
         self._phase, self._phase_start, self._step = "setup", 0, 0
@@ -122,9 +120,6 @@ class MemoryTracker(TorchDispatchMode):
             record = _Record(storage.nbytes(), self._tick(), self._phase,
                              self._modules[-1] if self._modules else OUTSIDE, category)
             self._hold(storage, record)
-            record.pointer = _pointer(storage)
-            if record.pointer:
-                self._pointers[record.pointer] = record
             self._records.append(record)
             return record
 
@@ -147,8 +142,6 @@ class MemoryTracker(TorchDispatchMode):
         with self._lock:
             if record.end is None:
                 record.end = self._tick()
-            if record.pointer and self._pointers.get(record.pointer) is record:
-                del self._pointers[record.pointer]
 
     def _forget(self, storage: torch.UntypedStorage, record: _Record) -> None:
         """The storage's memory changed size in place: its record ends now (a new one starts if it has bytes)."""
@@ -178,10 +171,6 @@ class MemoryTracker(TorchDispatchMode):
         if record is not None and record.nbytes != storage.nbytes():  # an out= operator resized it
             self._forget(storage, record)
             record = self._open(storage, record.category)
-        if record is None:
-            # A second storage over memory already counted (c10d's functional collectives wrap their outputs
-            # this way) is the same memory, not more of it.
-            record = self._pointers.get(_pointer(storage) or -1)
         if record is None:
             record = self._open(storage, category)
         elif category is not None:
@@ -356,13 +345,6 @@ def _returns_alias(func) -> bool:
     """Whether every output of the operator aliases an input (views, in-place and out= variants)."""
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None for r in returns)
-
-
-def _pointer(storage: torch.UntypedStorage) -> int | None:
-    """The data pointer of real memory; fake tensors (meta storages) and empty storages have none."""
-    if storage.device.type == "meta" or not storage.nbytes():
-        return None
-    return storage.data_ptr()
 
 
 def _holds_memory(storage: torch.UntypedStorage) -> bool:

@@ -82,3 +82,13 @@ def test_planner_predicts_what_every_rank_measures(layout, tmp_path):
         error = abs(planned["peak_bytes"] - rank["peak_bytes"]) / rank["peak_bytes"]
         assert error < 0.05, f"rank {rank['rank']}: planned {planned['peak_bytes']}, measured {rank['peak_bytes']}"
         assert rank["params"] == planned["params"] and rank["optimizer"] == planned["optimizer"]
+
+
+def test_planned_offload_keeps_only_the_local_part_of_the_optimizer_state():
+    values = to_dict(_config(["parallel.cp_ring=2"]))
+    local = spawn(_planned_peak, 1, (values, 4))[0]
+    offloaded_values = to_dict(_config(["parallel.cp_ring=2", "optim.offload=cpu", "optim.fraction=0.5"]))
+    offloaded = spawn(_planned_peak, 1, (offloaded_values, 4))[0]
+    assert offloaded["params"] == local["params"]
+    # Half of each rank's parameter elements keep their Adam moments on the rank (bucket edges round it).
+    assert 0.4 * local["optimizer"] < offloaded["optimizer"] < 0.6 * local["optimizer"]
