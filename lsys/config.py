@@ -98,6 +98,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # The loss over the vocabulary this many sequence positions at a time, recomputed in backward: only one
+    # chunk's logits exist at once (0: all at once). For long sequences and large vocabularies, e.g. 2048.
+    loss_chunk_tokens: int = 0
     seed: int = 0  # model initialisation
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -259,6 +262,11 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
         _require(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "must lie in [0, 1)")
     _require(t.eps > 0, "train.eps", t.eps, "must be positive")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "use 0 (off) or a positive norm")
+    _require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", t.loss_chunk_tokens,
+             "use 0 (the whole sequence at once) or a positive number of positions")
+    _require(t.loss_chunk_tokens == 0 or cfg.parallel.tp == 1, "train.loss_chunk_tokens", t.loss_chunk_tokens,
+             f"needs parallel.tp=1 (tp={cfg.parallel.tp} gathers the output head's input over tensor ranks); set it "
+             "to 0")
     _require(t.param_dtype in DTYPES, "train.param_dtype", t.param_dtype, f"choose one of {', '.join(DTYPES)}")
     _require(t.compute_dtype in DTYPES, "train.compute_dtype", t.compute_dtype, f"choose one of {', '.join(DTYPES)}")
     _require(t.compute_dtype == t.param_dtype or (t.param_dtype, t.compute_dtype) == ("float32", "bfloat16"),

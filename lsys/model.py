@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention as local_attention
 from lsys.config import ModelConfig, ffn_hidden_size
@@ -102,6 +103,27 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def _cross_entropy(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    # hidden: [B, s, hidden], labels: [B, s] -> per-token losses [B, s]
+    logits = head(hidden)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
+    return F.cross_entropy(wide.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def token_losses(head: nn.Module, hidden: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+    """Per-token cross-entropy of the output head over `hidden` [B, S, hidden] -> [B, S].
+
+    Whole, the logits and the loss's fp32 copies of them are [B, S, V] several times over: at long context
+    and a large vocabulary the largest tensors of a step. With `chunk_tokens` the sequence is cut into chunks
+    of that many positions; each chunk's logits and loss are recomputed in backward (activation
+    checkpointing), so only one chunk's [B, chunk, V] exists at a time and nothing of it is stored."""
+    if chunk_tokens <= 0 or chunk_tokens >= hidden.shape[1]:
+        return _cross_entropy(head, hidden, labels)
+    pieces = [checkpoint(_cross_entropy, head, h, y, use_reentrant=False)
+              for h, y in zip(hidden.split(chunk_tokens, dim=1), labels.split(chunk_tokens, dim=1), strict=True)]
+    return torch.cat(pieces, dim=1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,14 +137,19 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        # tokens, positions: [B, S] (S may be this rank's shard; positions are global) -> logits [B, S, V]
+    def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None,
+                loss_chunk_tokens: int = 0) -> Tensor:
+        """tokens, positions: [B, S] (S may be this rank's shard; positions are global) -> logits [B, S, V];
+        with `labels` [B, S]: per-token cross-entropy [B, S] (at least fp32), the vocabulary's logits made
+        `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`)."""
         table_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
         cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, table_dtype)
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        if labels is None:
+            return self.lm_head(self.norm(x))
+        return token_losses(self.lm_head, self.norm(x), labels, loss_chunk_tokens)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

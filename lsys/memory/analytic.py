@@ -10,7 +10,8 @@ parallelism):
 Context parallelism leaves each rank s/cp tokens: s -> s/cp (Megatron's own estimator leaves this out). The 5as/h
 term is the attention score matrix, which flash attention (every kernel here) never stores, so it is dropped.
 int8 stored activations (Mesa) halve the 16-bit figure of the recomputation modes that store activations; fp32
-compute doubles it. The loss keeps the fp32 log-probabilities over the vocabulary: 4 s b V / cp bytes.
+compute doubles it. The loss keeps the fp32 log-probabilities over the vocabulary: 4 s b V / cp bytes, or one
+chunk's with train.loss_chunk_tokens.
 Model states: parameters and gradients in train.param_dtype, AdamW's two moments in the same dtype (none for the
 offloaded fraction), sharded over the replicas (dp x cp, FSDP2) and the tensor-parallel ranks.
 
@@ -35,7 +36,7 @@ class AnalyticEstimate:
     grads: int
     optimizer: int
     activations: int  # every layer's stored activations
-    output: int  # the loss's fp32 log-probabilities
+    output: int  # the loss's fp32 log-probabilities (one chunk's when the loss is chunked)
     activations_per_layer: int
 
     @property
@@ -75,6 +76,6 @@ def analytic_estimate(cfg: LsysConfig, world_size: int, vocab_size: int) -> Anal
         grads=round(held * param_bytes),
         optimizer=round(2 * held * param_bytes * kept_state),
         activations=round(per_layer * cfg.model.num_layers),
-        output=round(4 * s * b * vocab_size),
+        output=round(4 * min(s, t.loss_chunk_tokens or s) * b * vocab_size),
         activations_per_layer=round(per_layer),
     )

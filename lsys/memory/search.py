@@ -81,9 +81,11 @@ def _longest(intercept: float, slope: float, budget: int, step: int) -> int:
 
 def _analytic_longest(cfg: LsysConfig, world_size: int, vocab: int, budget: int) -> int:
     step = granularity(cfg.parallel)
-    at_zero = analytic_estimate(with_seq_len(cfg, 0), world_size, vocab).total
-    slope = (analytic_estimate(with_seq_len(cfg, step), world_size, vocab).total - at_zero) / step
-    return _longest(at_zero, slope, budget, step)
+    # Two lengths past the loss chunk (beyond it the chunked loss no longer grows): the estimate is a line there.
+    near = step * math.ceil(max(2 * cfg.train.loss_chunk_tokens * cfg.parallel.cp, step) / step)
+    low = analytic_estimate(with_seq_len(cfg, near), world_size, vocab).total
+    slope = (analytic_estimate(with_seq_len(cfg, 2 * near), world_size, vocab).total - low) / near
+    return _longest(low - slope * near, slope, budget, step)
 
 
 def _fits(cfg: LsysConfig, world_size: int) -> bool:

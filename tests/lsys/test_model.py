@@ -85,3 +85,22 @@ def test_attn_fn_is_replaceable():
 def test_meta_build_needs_a_vocabulary():
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(tiny(vocab_size=0))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 40])
+def test_chunked_loss_equals_the_whole_and_stores_no_logits(chunk):
+    model = build_model(tiny(), torch.device("cpu"), torch.float64, seed=0)
+    tokens, labels = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    whole = model(tokens, positions, labels=labels)
+    whole.sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    chunked = model(tokens, positions, labels=labels, loss_chunk_tokens=chunk)
+    chunked.sum().backward()
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+    for got, expected in zip((p.grad for p in model.parameters()), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    logits = torch.nn.functional.cross_entropy(model(tokens, positions).flatten(0, 1), labels.flatten(),
+                                               reduction="none").view(2, 12)
+    torch.testing.assert_close(whole, logits, rtol=1e-12, atol=0)

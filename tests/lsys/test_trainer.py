@@ -38,8 +38,11 @@ def one_rank(tmp_path_factory) -> dict[str, Any]:
     ("parallel.dp=2", "recompute.mode=full", "recompute.every=2"),
     ("parallel.tp=2",),
     ("parallel.tp=2", "recompute.mode=selective", "train.micro_batch_size=2"),
+    ("parallel.cp_ring=2", "train.loss_chunk_tokens=3"),
+    ("parallel.dp=2", "recompute.mode=full", "train.loss_chunk_tokens=5"),
 ], ids=["dp2", "ring2-zigzag", "ring2-contiguous", "ulysses2", "ring2-selective", "ring2-full",
-        "ulysses2-selective-micro", "dp2-full-every2", "tp2", "tp2-selective-micro"])
+        "ulysses2-selective-micro", "dp2-full-every2", "tp2", "tp2-selective-micro", "ring2-chunked-loss",
+        "dp2-full-chunked-loss"])
 def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
     results = run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *overrides))
     for result in results:

@@ -92,3 +92,14 @@ def test_planned_offload_keeps_only_the_local_part_of_the_optimizer_state():
     assert offloaded["params"] == local["params"]
     # Half of each rank's parameter elements keep their Adam moments on the rank (bucket edges round it).
     assert 0.4 * local["optimizer"] < offloaded["optimizer"] < 0.6 * local["optimizer"]
+
+
+def test_chunked_loss_leaves_the_vocabulary_out_of_the_stored_activations():
+    whole = spawn(_planned_peak, 1, (to_dict(_config(["parallel.cp_ring=2"])), 4))[0]
+    chunked = spawn(_planned_peak, 1, (to_dict(_config(["parallel.cp_ring=2", "train.loss_chunk_tokens=16"])), 4))[0]
+    from lsys.memory.trace import vocabulary_size
+
+    cfg = _config([])
+    log_probs = 4 * (cfg.train.global_batch_size // 2) * (cfg.data.seq_len // 2) * vocabulary_size(cfg)  # fp32
+    assert whole["stored_activations_bytes"] - chunked["stored_activations_bytes"] >= 0.9 * log_probs
+    assert chunked["peak_bytes"] <= whole["peak_bytes"]
