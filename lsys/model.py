@@ -103,11 +103,15 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-def _cross_entropy(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
-    # hidden: [B, s, hidden], labels: [B, s] -> per-token losses [B, s]
-    logits = head(hidden)
+def logit_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    # logits: [B, s, V], labels: [B, s] -> per-token cross-entropy [B, s], at least fp32
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
     return F.cross_entropy(wide.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def _cross_entropy(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    # hidden: [B, s, hidden], labels: [B, s] -> per-token losses [B, s]
+    return logit_losses(head(hidden), labels)
 
 
 def token_losses(head: nn.Module, hidden: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:

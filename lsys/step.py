@@ -12,12 +12,12 @@ import contextlib
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lsys.config import LsysConfig
 from lsys.data import Batch
+from lsys.model import logit_losses
 from lsys.optim import OffloadedAdamW
 from parallel.data_parallel import gradient_sync
 
@@ -54,10 +54,7 @@ class StepWork:
         batch: [B, S_local] -> per-token cross-entropy [B, S_local] (at least fp32), logits [B, S_local, V]"""
         with self.autocast():
             logits = self.model(batch.tokens.to(self.device), batch.positions.to(self.device))
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
-        losses = F.cross_entropy(wide.flatten(0, 1), batch.labels.to(self.device).flatten(),
-                                 reduction="none").view(batch.labels.shape)
-        return losses, logits
+        return logit_losses(logits, batch.labels.to(self.device)), logits
 
     def training_losses(self, batch: Batch) -> Tensor:
         """batch: [B, S_local] -> per-token cross-entropy [B, S_local]; no logits kept.

@@ -100,14 +100,13 @@ def search(cfg: LsysConfig, world_size: int, budget_bytes: int, vocab: int, top:
            progress: Callable[[str], None] = lambda _: None) -> list[Candidate]:
     """The `top` candidates with the longest traced sequence under `budget_bytes` per rank, best first.
     Raises ValueError when no layout fits even the shortest sequence."""
-    ranked = []
-    for variant in layouts(cfg, world_size):
+    ranked, variants = [], layouts(cfg, world_size)
+    for variant in variants:
         longest = _analytic_longest(variant, world_size, vocab, budget_bytes)
         if longest and _fits(with_seq_len(variant, longest), world_size):
             ranked.append(Candidate(variant, longest))
     if not ranked:
-        smallest = min(analytic_estimate(with_seq_len(v, 0), world_size, vocab).total
-                       for v in layouts(cfg, world_size)) if layouts(cfg, world_size) else 0
+        smallest = min((analytic_estimate(with_seq_len(v, 0), world_size, vocab).total for v in variants), default=0)
         raise ValueError(f"--budget-gib {budget_bytes / GIB:g}: no layout of {world_size} ranks fits even the shortest "
                          f"sequence; the model state alone needs {smallest / GIB:.2f} GiB per rank at best. Raise "
                          "the budget or the number of ranks, or offload the optimizer (optim.offload=cpu)")

@@ -83,6 +83,8 @@ BAD = [
     (["cluster.placement_strategy=RANDOM"], "cluster.placement_strategy='RANDOM'"),
     (["cluster.resources_per_worker.CPU=2"], "cluster.resources_per_worker.CPU=2.0"),
     (["cluster.max_failures=-2"], "cluster.max_failures=-2"),
+    (["train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens=-1: use 0"),
+    (["parallel.tp=2", "train.loss_chunk_tokens=64"], "train.loss_chunk_tokens=64: needs parallel.tp=1"),
 ]
 
 
