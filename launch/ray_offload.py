@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from launch.cpu_adam_build import ensure_cpu_adam
 from lsys.config import OptimConfig
 
 
@@ -51,11 +52,12 @@ class AdamShard:
     def init(self, masters: list[np.ndarray], weight_decays: list[float], betas: tuple[float, float], eps: float,
              wire_dtype: str) -> dict[str, Any]:
         started = time.perf_counter()
+        # The C++ op is compiled on its first use in this Python environment (about a minute), loaded after.
+        ensure_cpu_adam()
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         self.wire_dtype = getattr(torch, wire_dtype)
         self.params = [torch.nn.Parameter(torch.from_numpy(m.copy())) for m in masters]
-        # Building the C++ op compiles it on first use (minutes) and loads it from the torch extensions cache after.
         self.adams = [DeepSpeedCPUAdam([p], lr=0.0, betas=betas, eps=eps, weight_decay=wd, adamw_mode=True)
                       for p, wd in zip(self.params, weight_decays, strict=True)]
         return {"ready_s": time.perf_counter() - started, "pid": os.getpid()}
@@ -76,6 +78,10 @@ class AdamShard:
         adam.step()
         p.grad = None
         return to_wire(p.detach().to(self.wire_dtype))
+
+    def drop_gradients(self) -> None:
+        for p in self.params:
+            p.grad = None
 
     def state(self) -> dict[str, Tensor]:
         out = {}
@@ -131,8 +137,8 @@ class ShardStore:
                          str(wire_dtype).removeprefix("torch."))
         if self.rank == 0:
             print(f"lsys: optimizer state offloaded ({sum(m.numel() for m in masters):,} parameters on rank 0, "
-                  f"{len(masters)} buckets); DeepSpeed CPU Adam ready in {info['ready_s']:.1f} s (its first use on "
-                  "a machine compiles it into the torch extensions cache, later ones load it)",
+                  f"{len(masters)} buckets); DeepSpeed CPU Adam ready in {info['ready_s']:.1f} s (its first use in a "
+                  "Python environment compiles it, later ones load it)",
                   file=sys.stderr, flush=True)
 
     def put_grad(self, bucket: int, grad: Tensor) -> None:
@@ -147,6 +153,12 @@ class ShardStore:
         handles = [self.submit("step_bucket", b, grad_scale, lr) for b, lr in enumerate(lrs)]
         for handle in handles:
             yield from_wire(self.result(handle), self.wire_dtype)
+
+    def drop_gradients(self) -> None:
+        for handle in self._in_flight:  # a failed transfer surfaces here too
+            self.result(handle)
+        self._in_flight.clear()
+        self.call("drop_gradients")
 
     def state(self) -> dict[str, Tensor]:
         return self.call("state")

@@ -8,8 +8,10 @@ import ctypes
 import gc
 import json
 import resource
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +49,32 @@ def format_bytes(value: float) -> str:
 
 class MetricsWriter:
     """Appends one JSON object per line. A run resumed from step N first drops the records of steps after N
-    (written before the interruption, about to be trained again), so every step appears once."""
+    (written before the interruption, about to be trained again), so every step appears once; the file is then
+    rewritten atomically (a new file renamed over it).
+
+    An interrupted run (a kill, a full disk) can leave a partial last line: it is dropped, and said on stderr.
+    A line before the last that is not a JSON object was not left by an interruption (an edit, a second writer, a
+    damaged disk): the file is the user's record, so the original is first copied byte for byte beside it as
+    `metrics.jsonl.bad-<time>`, said on stderr, and the run continues with the readable records.
+    """
 
     def __init__(self, path: Path, resumed_from: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_from]
+            scan = _scan(path)
+            if scan.partial_bytes:
+                print(f"lsys: {path.name}: dropped a partial last line ({scan.partial_bytes} bytes) left by an "
+                      "interrupted run", file=sys.stderr, flush=True)
+            if scan.bad_lines:
+                aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.copy2(path, aside)
+                more = f" (and {len(scan.bad_lines) - 1} more)" if len(scan.bad_lines) > 1 else ""
+                print(f"lsys: {path}: line {scan.bad_lines[0]}{more} is not a JSON record; the file as it was is "
+                      f"kept in {aside}, and the run goes on with its {len(scan.records)} readable records",
+                      file=sys.stderr, flush=True)
+            kept = [line for record, line in scan.records if record.get("step", 0) <= resumed_from]
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_bytes(b"".join(line + b"\n" for line in kept))
             tmp.replace(path)
         self._file = path.open("a", buffering=1)
 
@@ -67,7 +86,43 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics file, also while a run is writing it: a partial last line (being written, or left
+    by an interrupted run) is left out. A line before it that is not a JSON object raises ValueError."""
+    scan = _scan(path)
+    if scan.bad_lines:
+        raise ValueError(f"{path}:{scan.bad_lines[0]}: not a JSON record; repair or delete that line (resuming the "
+                         "run does it, keeping the original file beside it as metrics.jsonl.bad-<time>)")
+    return [record for record, _ in scan.records]
+
+
+@dataclass
+class _Scan:
+    records: list[tuple[dict[str, Any], bytes]]  # each readable record with its line as written
+    bad_lines: list[int]  # line numbers (from 1) before the last line that are not JSON objects
+    partial_bytes: int  # length of an unreadable last line, 0 when the last line is readable
+
+
+def _scan(path: Path) -> _Scan:
+    # Bytes, not text: a cut can split a character, and the dropped line is reported in bytes.
+    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    scan = _Scan([], [], 0)
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            record = None
+        if isinstance(record, dict):
+            scan.records.append((record, line))
+        elif number == lines[-1][0]:
+            scan.partial_bytes = len(line)
+        else:
+            scan.bad_lines.append(number)
+    return scan
+
+
+def _shown(value: float | None, spec: str) -> str:
+    """A logged number; None stands for a value that was not finite (JSON has no NaN)."""
+    return "not finite" if value is None else format(value, spec)
 
 
 class ProgressView:
@@ -101,13 +156,15 @@ class ProgressView:
         if self._progress is not None:
             fields = {}
             if record is not None:
-                fields = {"loss": f"{record['loss']:.4f}", "tps": f"{record['tokens_per_s']:,.0f}",
+                fields = {"loss": _shown(record["loss"], ".4f"), "tps": f"{record['tokens_per_s']:,.0f}",
                           "mem": format_bytes(max(record["peak_memory_bytes"]))}
             self._progress.update(self._task, completed=step, **fields)
         elif record is not None:
+            skipped = "  (skipped: not finite)" if record.get("skipped") else ""
             self.console.print(
-                f"step {step:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}"
-                f"  {record['tokens_per_s']:,.0f} tok/s  peak {format_bytes(max(record['peak_memory_bytes']))}",
+                f"step {step:>6}  loss {_shown(record['loss'], '.4f')}  lr {record['lr']:.2e}  grad_norm "
+                f"{_shown(record['grad_norm'], '.3f')}  {record['tokens_per_s']:,.0f} tok/s  "
+                f"peak {format_bytes(max(record['peak_memory_bytes']))}{skipped}",
                 highlight=False,
             )
 
