@@ -6,6 +6,9 @@ text through megatron-core indexed datasets, all behind one `Task` interface add
     totals = task.eval_totals(batch, predictions, token_losses)
     totals.metric(task.metric_name)
 
+A prepared text dataset is checked before use (`check_text_dataset`, `check_text_inputs`): a missing, truncated
+or mismatched file is a ValueError naming it, never a megatron-core assert or samples read from garbage.
+
 Nothing here touches torch.distributed, except that building the "text" task lets megatron-core coordinate
 its index cache over the default process group when one exists (see `lsys.data.text`).
 """
@@ -18,10 +21,13 @@ from lsys.data.mqar import MqarTask
 from lsys.data.passkey import PasskeyTask
 from lsys.data.prepare import prepare_text_dataset
 from lsys.data.task import METRICS, SPLITS, Batch, EvalTotals, Task, check_int
+from lsys.data.tokenizer import load_tokenizer
+from lsys.data.verify import check_text_dataset, check_text_inputs
 
 TASKS = ("passkey", "mqar", "text")
 
-__all__ = ["METRICS", "SPLITS", "TASKS", "Batch", "EvalTotals", "Task", "build_task", "prepare_text_dataset"]
+__all__ = ["METRICS", "SPLITS", "TASKS", "Batch", "EvalTotals", "Task", "build_task", "check_text_dataset",
+           "check_text_inputs", "load_tokenizer", "prepare_text_dataset"]
 
 
 def build_task(kind: str, seq_len: int, seed: int, **options: Any) -> Task:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from lsys.data._megatron import import_megatron_datasets
-from lsys.data.prepare import read_metadata
 from lsys.data.task import SPLITS, Task, check_int, option_error, take_options
+from lsys.data.verify import check_cache_dir, check_text_dataset, default_cache_dir
 
 DEFAULTS = {
     "path": None,
@@ -38,18 +38,24 @@ _SHARED_METADATA = ("tokenizer", "vocab_size", "eod_id", "pad_id")
 
 class _MegatronTokenizer:
     """The part of a Megatron tokenizer GPTDataset reads: special ids, the vocabulary size (which picks the
-    token dtype) and `unique_identifiers`, which goes into the hash that names the cached indices."""
+    token dtype) and `unique_identifiers`, which goes into the hash that names the cached indices.
 
-    def __init__(self, metadata: dict[str, Any]) -> None:
-        self.vocab_size = metadata["vocab_size"]
-        self.eod = metadata["eod_id"]
-        self.pad = metadata["pad_id"]
+    Megatron's own part of that hash names a dataset by its path only, so a dataset prepared again at the same
+    path would reuse indices laid out for the old documents; the sha256 of every blended .bin (recorded in
+    its metadata, not recomputed) gives new data new indices.
+    """
+
+    def __init__(self, metadata: list[dict[str, Any]]) -> None:
+        self.vocab_size = metadata[0]["vocab_size"]
+        self.eod = metadata[0]["eod_id"]
+        self.pad = metadata[0]["pad_id"]
         self.unique_identifiers = {
             "class": "lsys",
-            "tokenizer": metadata["tokenizer"],
+            "tokenizer": metadata[0]["tokenizer"],
             "vocab_size": self.vocab_size,
             "eod": self.eod,
             "pad": self.pad,
+            "data_sha256": [m["files"]["bin"]["sha256"] for m in metadata],
         }
 
 
@@ -61,7 +67,8 @@ class TextTask(Task):
       an initialised process group, see `_prefixes`).
     - `weights`: blend weights; None blends in proportion to size, given weights need both sample counts.
     - `split`: Megatron's "train,valid,test" shares, by document.
-    - `cache_dir`: where Megatron caches its indices; None or "" is `PREFIX_cache` beside the first dataset.
+    - `cache_dir`: where Megatron caches its indices, a directory this user can write (or create); None or
+      "" is `PREFIX_cache` beside the first dataset.
     - `num_samples` / `num_valid_samples`: samples Megatron lays out per split; None is one pass over the
       split's documents, more passes reshuffle, a weighted blend rounds each dataset's share up.
     Indices past a split's length wrap around, so any index is valid.
@@ -80,7 +87,8 @@ class TextTask(Task):
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed={seed}: the text task seeds numpy's RandomState, use 0 <= seed < 2**32")
         prefixes = _prefixes(opts["path"])
-        metadata = [read_metadata(p) for p in prefixes]
+        # The cheap checks of `check_text_dataset`: megatron-core would assert or read garbage on a bad file.
+        metadata = [check_text_dataset(p) for p in prefixes]
         for key in _SHARED_METADATA:
             if any(m[key] != metadata[0][key] for m in metadata):
                 raise option_error("text", "path", prefixes, f"the datasets disagree on {key}; blend only "
@@ -95,9 +103,10 @@ class TextTask(Task):
         ratios = np.array([m["num_bytes"] / m["num_tokens"] for m in metadata])
         shares = np.array(weights or [m["num_tokens"] for m in metadata], dtype=float)
         self.bytes_per_token = float((ratios * shares).sum() / shares.sum())
-        cache_dir = opts["cache_dir"] or f"{prefixes[0]}_cache"
+        cache_dir = opts["cache_dir"] or default_cache_dir(prefixes[0])
+        check_cache_dir(cache_dir)
         self._datasets = _build_splits(prefixes, weights, sizes, opts["split"], cache_dir, seq_len, seed,
-                                       _MegatronTokenizer(metadata[0]))
+                                       _MegatronTokenizer(metadata))
 
     def split_length(self, split: str) -> int:
         """Distinct samples in `split` before indices wrap around."""

@@ -46,11 +46,22 @@ class HFTokenizer:
     def __init__(self, path: str, eod_token: str | None = None) -> None:
         from tokenizers import Tokenizer
 
-        if not os.path.isfile(path):
-            raise ValueError(f"tokenizer={path!r}: no such file; give the path of a tokenizer.json, or None "
-                             "for the byte-level tokenizer")
         self.path = os.path.abspath(path)
-        self._tokenizer = Tokenizer.from_file(self.path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError as err:
+            raise ValueError(f"tokenizer {path}: no such file; give the path of a tokenizer.json, or none for "
+                             "the byte-level tokenizer") from err
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            message = f"tokenizer {path}: cannot be read ({reason}); give a readable tokenizer.json"
+            raise ValueError(message) from err
+        try:
+            self._tokenizer = Tokenizer.from_str(text)
+        except Exception as err:  # the Rust side raises a bare Exception for every parse error
+            raise ValueError(f"tokenizer {path}: not a HuggingFace tokenizer.json ({err}); give a file saved by "
+                             "tokenizers' Tokenizer.save, such as a model's tokenizer.json") from err
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         special = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
         if eod_token is not None:
@@ -62,7 +73,7 @@ class HFTokenizer:
             eod = next((special[name] for name in EOD_NAMES if name in special), None)
             if eod is None:
                 raise ValueError(
-                    f"tokenizer={path!r}: no end-of-document token; add one of {', '.join(EOD_NAMES)} as a "
+                    f"tokenizer {path}: no end-of-document token; add one of {', '.join(EOD_NAMES)} as a "
                     f"special token, or pass eod_token= naming the token that ends a document "
                     f"(special tokens found: {sorted(special) or 'none'})")
         self.eod = eod
@@ -76,7 +87,12 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | None, eod_token: str | None = None) -> ByteTokenizer | HFTokenizer:
-    """The byte-level tokenizer for `path=None`, else the `tokenizer.json` at `path`."""
+    """The byte-level tokenizer for `path=None`, else the `tokenizer.json` at `path`.
+
+    Cheap (a fraction of a second even for a 128K vocabulary) and free of side effects, so it doubles as the
+    check of a tokenizer before anything starts: a file that is missing, unreadable, not JSON, not a
+    tokenizer, or without an end-of-document token raises ValueError naming it.
+    """
     if path is None:
         if eod_token is not None:
             raise ValueError(f"eod_token={eod_token!r}: the byte-level tokenizer has a fixed EOD id "
