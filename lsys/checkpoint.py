@@ -1,22 +1,41 @@
-"""Checkpoints with torch.distributed.checkpoint, written atomically.
+"""Checkpoints with torch.distributed.checkpoint: written atomically, verified before use, loaded without pickle.
 
-Every rank writes its shard into `step_XXXXXXXX.tmp/` (with an offloaded optimizer, also its optimizer state as
-`optimizer_rankNNNNN.pt`, which resumes only on the same layout); after a barrier rank 0 renames the directory to
-`step_XXXXXXXX/`. A rename is atomic, so a directory without `.tmp` is always complete, and a run killed
-mid-write leaves only a `.tmp` that resume ignores (and the next save of that step replaces).
+What a checkpoint `step_XXXXXXXX/` promises: it holds the model, optimizer and step exactly as they were after
+that step (with an offloaded optimizer, each rank's state in `optimizer_rankNNNNN.pt`, which resumes only on the
+same number of ranks), and its `manifest.json` records every file's size and sha256, the model shape, the layout
+and the config it was trained with. Writing: every rank writes into `step_XXXXXXXX.tmp/`; after a barrier rank 0
+hashes the files into the manifest (written atomically, last) and renames the directory. A run killed mid-write
+leaves a `.tmp` (ignored, replaced by the next save of that step) or a directory without a manifest (skipped).
+
+Resuming (lsys.checkpoint_verify): the newest checkpoint whose files all match their manifest and whose model
+shape matches the config is loaded; newer damaged ones are skipped with a reason; if none is usable, a ValueError
+says why and nothing is loaded. Loading never runs full pickle: `.metadata` goes through a restricted unpickler,
+and the small non-tensor values in the shards (optimizer hyperparameters) through `torch.load(weights_only=True)`.
+
+Pruning (keep_last), at each save after the rename: the checkpoint just written is never deleted (it was hashed
+from the files it lists, so it is the newest verified one). Of the others, those whose manifest parses and whose
+listed files all have their recorded sizes count as verified (no rehashing at every save); the newest
+keep_last - 1 of them by step are kept and the older verified ones deleted. Checkpoints that fail that check
+(damaged, or without a manifest) are neither counted nor deleted: they are reported at resume for the user.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import io
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -24,9 +43,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from lsys.checkpoint_verify import (
+    Unusable,
+    check_files,
+    checkpoints_by_step,
+    fsync_dir,
+    load_dcp_metadata,
+    read_manifest,
+    write_manifest,
+)
 from lsys.optim import OffloadedAdamW
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -37,17 +63,31 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose `.metadata` is read by the restricted unpickler (torch's uses full pickle)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # Same contract as FileSystemReader.read_metadata in torch 2.13: per-rank file when `rank` is given, and
+        # the load id stamped into storage_meta.
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = load_dcp_metadata(stream, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
-def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner, but non-tensor values are unpickled with torch's restricted (weights_only) loader;
+    the default uses full pickle. Ours are plain numbers, tuples and strings (optimizer param_groups)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
@@ -62,35 +102,54 @@ def _rank_file(directory: Path) -> Path:
     return directory / f"optimizer_rank{dist.get_rank():05d}.pt"
 
 
-def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep_last: int, meta: dict
-) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def prunable(root: Path, keep: Path, keep_last: int) -> list[Path]:
+    """The checkpoints keep_last allows deleting now that `keep` was written (the rule: module docstring)."""
+    verified = []
+    for _, path in reversed(checkpoints_by_step(root)):
+        if path == keep:
+            continue
+        try:
+            check_files(path, read_manifest(path), hashes=False)
+        except Unusable:
+            continue
+        verified.append(path)
+    return verified[keep_last - 1:]
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep_last: int,
+                    *, shape: dict, layout: dict, config: dict) -> Path:
+    """Collective: every rank calls it. `shape`, `layout` and `config` (lsys.checkpoint_verify.model_shape,
+    run_layout, the config dict) go into the manifest. Returns the final directory."""
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(_app_state(model, optimizer, step), checkpoint_id=tmp)
+    dcp.save(_app_state(model, optimizer, step), checkpoint_id=tmp)  # fsyncs its shards (sync_files=True)
     if isinstance(optimizer, OffloadedAdamW):
-        torch.save(optimizer.rank_state(), _rank_file(tmp))
+        with _rank_file(tmp).open("wb") as f:
+            torch.save(optimizer.rank_state(), f)
+            f.flush()
+            os.fsync(f.fileno())
     dist.barrier()
     if dist.get_rank() == 0:
-        (tmp / "lsys_meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        write_manifest(tmp, step, shape, layout, config)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for _, old in complete_checkpoints(root)[:-keep_last]:
+        fsync_dir(root)
+        for old in prunable(root, final, keep_last):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Collective: restore model and optimizer in place (any data-parallel layout); returns the saved step."""
+    """Collective: restore model and optimizer in place (any data-parallel layout); returns the saved step.
+    `path` must have been chosen by lsys.checkpoint_verify.select_checkpoint (verified, of this model's shape)."""
     state = _app_state(model, optimizer, step=-1)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_WeightsOnlyLoadPlanner())
     if isinstance(optimizer, OffloadedAdamW):
         set_model_state_dict(model, state["model"])
         if not _rank_file(path).is_file():

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lsys.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
+from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, build_task
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
@@ -178,16 +179,31 @@ class Trainer:
         return [int(x.item()) for x in every]
 
     def _save(self, step: int) -> None:
-        meta = {"world_size": self.session.world_size, "config": to_dict(self.cfg)}
-        save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self.cfg.checkpoint.keep_last, meta)
+        save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self.cfg.checkpoint.keep_last,
+                        shape=model_shape(self.model_cfg), layout=run_layout(self.cfg, self.session.world_size),
+                        config=to_dict(self.cfg))
 
     def _resume(self) -> int:
+        """Collective: load the newest usable checkpoint and return its step (0: none, start fresh). Rank 0 alone
+        verifies (hashing reads every file) and broadcasts its choice, so every rank loads the same checkpoint or
+        raises the same ValueError (checkpoints exist but none is usable)."""
         if not self.cfg.checkpoint.resume:
             return 0
-        found = latest_checkpoint(self.ckpt_root)
-        if found is None:
-            return 0
-        return load_checkpoint(found[1], self.model, self.optimizer)
+        chosen: list[str | None] = [None, None]  # the checkpoint to load, or why none may be loaded
+        if self.session.is_main:
+            try:
+                selection = select_checkpoint(self.ckpt_root, model_shape(self.model_cfg),
+                                              run_layout(self.cfg, self.session.world_size))
+                for line in resume_messages(selection, to_dict(self.cfg)):
+                    print(line, file=sys.stderr, flush=True)
+                chosen[0] = str(selection.path) if selection.path else None
+            except ValueError as exc:
+                chosen[1] = str(exc)
+        dist.broadcast_object_list(chosen, src=0)
+        path, error = chosen
+        if error:
+            raise ValueError(error)
+        return load_checkpoint(Path(path), self.model, self.optimizer) if path else 0
 
     def _maybe_fail(self, step: int) -> None:
         """train.fail_at_step: die like a lost machine (no exception, no cleanup), or kill the optimizer's actor,

@@ -90,8 +90,8 @@ def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     assert [r["loss"] for r in logged] == straight["losses"]
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000004", "step_00000006"]  # keep_last=2, no .tmp left behind
-    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000006" / "lsys_meta.json").read_text())
-    assert meta["step"] == 6 and meta["world_size"] == 2
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    assert meta["step"] == 6 and meta["layout"]["world_size"] == 2
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
