@@ -9,7 +9,7 @@ import sys
 
 from rich.console import Console
 
-from launch import memory_cli, ray_cli
+from launch import exits, memory_cli, preflight, ray_cli
 
 CONFIG_HELP = (
     "CONFIG is a YAML file (see configs/); each OVERRIDE is key=value with a dotted key, e.g. "
@@ -86,6 +86,13 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    try:
+        if args.timeout is not None and not 0 < args.timeout < float("inf"):
+            raise ValueError(f"--timeout={args.timeout}: give a positive number of seconds")
+        world = int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc
+        preflight.check_run(cfg, world, local_ranks=1 if launched_elsewhere else args.nproc)
+    except ValueError as exc:
+        return _invalid(console, exc)
     save_config(cfg, cfg.train.run_dir)
     if launched_elsewhere or args.nproc == 1:
         summary = train(cfg)
@@ -96,6 +103,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[bold red]lsys: rank {exc.rank} failed; all ranks stopped.[/]")
             print(exc.detail, file=sys.stderr, end="")
             return 1
+        except TimeoutError:
+            console.print(f"[bold red]lsys: --timeout {args.timeout:g} s expired; all ranks stopped.[/] The next run "
+                          f"in {cfg.train.run_dir} resumes from its newest checkpoint", highlight=False)
+            return exits.TIMEOUT
+    if summary is not None and summary.get("stopped"):
+        return exits.NONFINITE  # rank 0 has said why
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         for record in summary["evals"][-1:]:
             console.print("final eval: " + json.dumps(record))
@@ -115,7 +128,7 @@ def _prepare_data(args: argparse.Namespace, console: Console) -> int:
 
 def _invalid(console: Console, exc: Exception) -> int:
     console.print(f"[bold red]lsys: invalid input:[/] {exc}", highlight=False)
-    return 2
+    return exits.INVALID_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:

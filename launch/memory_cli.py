@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from launch import exits
+
 Invalid = Callable[[Console, Exception], int]
 
 
@@ -64,6 +66,7 @@ def _load(args: argparse.Namespace, ranks: int | None) -> tuple[Any, int]:
 
 def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid) -> int:
     from launch.local import RankFailedError, spawn
+    from launch.preflight import check_run, check_run_dir
     from lsys.config import to_dict
     from lsys.memory.profile import profile_rank
     from lsys.memory.report import layer_table, plot, rank_table, write_json
@@ -75,6 +78,8 @@ def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid
         if cfg.optim.offload != "none":
             raise ValueError(f"optim.offload={cfg.optim.offload}: profile runs local ranks; the offloaded state lives "
                              "in Ray actors (plan it with `lsys plan`, or set optim.offload=none)")
+        check_run_dir(args.out, key="--out")
+        check_run(cfg, nproc, local_ranks=nproc)
     except ValueError as exc:
         return invalid(console, exc)
     out = Path(args.out)
@@ -86,6 +91,9 @@ def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid
     except RankFailedError as exc:
         console.print(f"[bold red]lsys: rank {exc.rank} failed; all ranks stopped.[/]\n{exc.detail}", highlight=False)
         return 1
+    except TimeoutError:
+        console.print(f"[bold red]lsys: --timeout {args.timeout:g} s expired; all ranks stopped.[/]", highlight=False)
+        return exits.TIMEOUT
     write_json(out / "memory.json", {"ranks": ranks, "steps": args.steps, "config": to_dict(cfg)})
     title = f"lsys profile: {Path(args.config).name}, {nproc} ranks, {cfg.data.seq_len:,} tokens"
     plot(ranks, out / "memory.png", title)
@@ -97,6 +105,7 @@ def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid
 
 
 def plan_command(args: argparse.Namespace, console: Console, invalid: Invalid) -> int:
+    from launch.preflight import check_run_dir
     from lsys.config import to_dict
     from lsys.memory.analytic import analytic_estimate
     from lsys.memory.report import layer_table, plot, rank_table, write_json
@@ -110,6 +119,8 @@ def plan_command(args: argparse.Namespace, console: Console, invalid: Invalid) -
             raise ValueError(f"--budget-gib={args.budget_gib}: give the memory per rank in GiB, e.g. 80")
         if args.top < 1:
             raise ValueError(f"--top={args.top}: trace at least one candidate")
+        if args.out:
+            check_run_dir(args.out, key="--out")
         vocab = vocabulary_size(cfg)
     except ValueError as exc:
         return invalid(console, exc)

@@ -108,6 +108,7 @@ def _absolute_paths(values: dict, remote: bool) -> None:
 
 def submit(args: argparse.Namespace, console: Console, invalid) -> int:
     from launch import ray_jobs
+    from launch.preflight import check_run
     from launch.ray_cluster import (
         check_fits,
         lsys_home,
@@ -133,6 +134,8 @@ def submit(args: argparse.Namespace, console: Console, invalid) -> int:
         if embedded:
             k = cfg.cluster
             check_fits(*planned_shape(home, args.nodes), k.num_workers, k.cpus_per_worker, k.gpus_per_worker)
+            # Its workers run on this machine, on these files: the same checks as `lsys train`.
+            check_run(cfg, k.num_workers, local_ranks=k.num_workers)
     except ValueError as exc:
         return invalid(console, exc)
     if embedded:

@@ -3,12 +3,14 @@ and validation that names the key, the value and the fix before any process star
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
@@ -19,6 +21,11 @@ TASKS = ("passkey", "mqar", "text")
 OFFLOAD_MODES = ("none", "cpu")
 OFFLOAD_PLACEMENTS = ("same_node", "resource", "label")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+NONFINITE_POLICIES = ("stop", "skip")
+# datetime.timedelta, which the process group's timeout becomes, overflows near 1e14 s; a week is already longer
+# than any collective should ever wait.
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
+CONFIG_REFERENCE = "the configuration reference in README.md"
 
 
 @dataclass
@@ -116,6 +123,11 @@ class TrainConfig:
     fail_rank: int = 1
     fail_target: str = "rank"  # rank | optimizer
     collective_timeout_s: float = 300.0
+    # A step whose loss or gradient norm is not finite never updates the weights and is never checkpointed.
+    # stop: the run ends there (exit code 3, the step named); skip: the update is skipped and counted in the
+    # metrics, and the run ends after `nonfinite_max_skips` such steps in a row.
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 3
     run_dir: str = "runs/default"
 
 
@@ -168,25 +180,79 @@ def _config_error(exc: OmegaConfBaseException, source: str) -> ValueError:
     key = getattr(exc, "full_key", None) or "?"
     message = str(exc).splitlines()[0]
     if "not in" in message or "Key" in message and "not" in message:
-        fix = "remove it or check the spelling against `lsys train --help` and docs/configuration.md"
+        fix = f"remove it or check the spelling against {CONFIG_REFERENCE} (`lsys train CONFIG --print-config` " \
+              "shows every key)"
     else:
         fix = "give a value of the declared type"
+    if key == "?":  # OmegaConf names no key when a whole section gets a plain value
+        return ValueError(f"{source}: {message}; a section takes indented `key: value` lines, a key one value")
     return ValueError(f"{source}: bad config key {key!r}: {message}; {fix}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LsysConfig:
-    """Schema defaults <- YAML file <- `key=value` overrides; typed, unknown keys rejected, then validated."""
-    schema = OmegaConf.structured(LsysConfig)
+def read_yaml(path: str | Path) -> DictConfig:
+    """The mapping in a YAML config file; every way a file can be unusable is a ValueError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/demo.yaml")
+    if not p.is_file():
+        raise ValueError(f"config file {str(path)!r} is not a file; pass a YAML file like configs/demo.yaml")
     try:
-        merged = schema
-        if path is not None:
-            if not Path(path).is_file():
-                raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/demo.yaml")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not key=value; write it as e.g. train.steps=100")
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ValueError(f"config file {str(path)!r} cannot be read ({exc.strerror}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}); save it as UTF-8") from None
+    try:
+        # OmegaConf's YAML loader, which also refuses a key given twice in one mapping.
+        loaded = OmegaConf.create(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}: YAML error: {problem}; fix the file (configs/demo.yaml shows the format)") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"config file {str(path)!r}: the top level is a {type(loaded).__name__.removesuffix('Config')}"
+                         ", not a mapping of sections (model:, data:, train:, ...); see configs/demo.yaml")
+    _check_sections(loaded, LsysConfig, "", str(path))
+    return loaded
+
+
+def _check_sections(node: DictConfig, schema: type, prefix: str, source: str) -> None:
+    """A section of the schema (model:, data.passkey:, ...) given a plain value: OmegaConf's own merge error
+    would name neither the key nor what is expected."""
+    for f in dataclasses.fields(schema):
+        if not dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            continue
+        if f.name not in node:
+            continue
+        value, key = node._get_node(f.name), f"{prefix}{f.name}"
+        if not isinstance(value, DictConfig):
+            raise ValueError(f"{source}: {key} must be a section of keys (e.g. `{key.split('.')[-1]}:` followed by "
+                             f"indented `key: value` lines), not {OmegaConf.to_container(node)[f.name]!r}")
+        _check_sections(value, f.default_factory, f"{key}.", source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LsysConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides; typed, unknown keys rejected, then validated.
+    An error names where the bad value came from: the file, or the override as typed."""
+    merged = OmegaConf.structured(LsysConfig)
+    if path is not None:
+        try:
+            merged = OmegaConf.merge(merged, read_yaml(path))
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value; write it as e.g. train.steps=100")
+        try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, f"override {item!r}") from None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); quote it") from None
+    try:
         cfg: LsysConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _config_error(exc, str(path) if path else "overrides") from None
@@ -223,9 +289,25 @@ def _require(condition: bool, key: str, value: Any, fix: str) -> None:
         raise ValueError(f"{key}={value!r}: {fix}")
 
 
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every number in the config is finite: inf or nan (YAML's .inf, .nan) would train to NaN or overflow."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                _require(not isinstance(item, float) or math.isfinite(item), f"{key}.{name}", item,
+                         "must be a finite number")
+        else:
+            _require(not isinstance(value, float) or math.isfinite(value), key, value, "must be a finite number")
+
+
 def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     """Check every value and their combinations; `world_size` adds the checks that need it."""
     m, d, t, c, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.parallel
+    _check_finite(cfg, "")
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be a positive integer")
     _require(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "use 0 (the task's vocabulary) or a positive size")
@@ -239,6 +321,8 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
              f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive (RMSNorm divides by sqrt(mean + eps)), "
+             "e.g. 1e-5")
 
     _require(d.task in TASKS, "data.task", d.task, f"choose one of {', '.join(TASKS)}")
     _require(d.seq_len >= 8, "data.seq_len", d.seq_len, "must be at least 8")
@@ -279,7 +363,12 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(t.eval_samples >= 0, "train.eval_samples", t.eval_samples, "must be non-negative")
     _require(0 <= t.exit_at_step <= t.steps, "train.exit_at_step", t.exit_at_step,
              f"use 0 (run to the end) or a step in [1, train.steps={t.steps}]")
-    _require(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "must be positive")
+    _require(0 < t.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S, "train.collective_timeout_s",
+             t.collective_timeout_s, f"must lie in (0, {MAX_COLLECTIVE_TIMEOUT_S:.0f}] seconds (a week)")
+    _require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite", t.nonfinite,
+             f"choose one of {', '.join(NONFINITE_POLICIES)}")
+    _require(t.nonfinite_max_skips >= 1, "train.nonfinite_max_skips", t.nonfinite_max_skips,
+             "stop after at least one skipped step")
     _require(bool(t.run_dir), "train.run_dir", t.run_dir, "set a directory for metrics and checkpoints")
     _require(0 <= t.fail_at_step <= t.steps, "train.fail_at_step", t.fail_at_step,
              f"use 0 (no injected failure) or a step in [1, train.steps={t.steps}]")

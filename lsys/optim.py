@@ -35,6 +35,9 @@ class OptimizerStore(Protocol):
         """Scale every bucket's gradient, take the AdamW step, and yield the updated parameters bucket by bucket.
         `grad_scale` may be a scalar tensor: the store reads it when it needs the value."""
 
+    def drop_gradients(self) -> None:
+        """Forget the gradients sent since the last step (the step is skipped); waits for them to arrive first."""
+
     def state(self) -> dict[str, Tensor]: ...
 
     def load(self, state: dict[str, Tensor]) -> None: ...
@@ -162,6 +165,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
             for inner, outer in zip(self.kept.param_groups, self._kept_groups, strict=True):
                 inner["lr"] = self.param_groups[outer]["lr"]
             self.kept.step()
+
+    def discard_gradients(self) -> None:
+        """Skip this step: the gradients already sent are dropped and neither masters nor moments change."""
+        self.store.drop_gradients()
+        self._sent.clear()
 
     def _sizes(self) -> list[int]:
         return [sum(local_shard(p).numel() for p in bucket.params) for bucket in self.buckets]

@@ -87,17 +87,36 @@ class StepWork:
             loss_sum += masked.detach().double()
         return loss_sum
 
-    def update(self) -> Tensor:
-        """Clip the gradients, step, drop the gradients; returns the global gradient norm (a scalar tensor)."""
+    def clip_gradients(self) -> Tensor:
+        """Clip the gradients to train.grad_clip; returns the global gradient norm (a scalar tensor, the same on
+        every rank), which the caller checks before `apply_update`."""
         with self.probe.phase("optimizer"):
-            max_norm = self.cfg.train.grad_clip or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._max_norm())
             if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over every shard
                 grad_norm = grad_norm.full_tensor()
+        return grad_norm
+
+    def apply_update(self, grad_norm: Tensor) -> None:
+        """Step the optimizer on the clipped gradients, then drop them."""
+        with self.probe.phase("optimizer"):
             if isinstance(self.optimizer, OffloadedAdamW):
                 # Gradients sent during backward were not clipped yet: the same factor, as torch computes it.
-                self.optimizer.step(grad_scale=torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0))
+                self.optimizer.step(grad_scale=torch.clamp(self._max_norm() / (grad_norm + 1e-6), max=1.0))
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def discard_update(self) -> None:
+        """Drop this step's gradients without touching the weights or the optimizer state (a non-finite step)."""
+        if isinstance(self.optimizer, OffloadedAdamW):
+            self.optimizer.discard_gradients()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update(self) -> Tensor:
+        """Clip, step, drop the gradients; returns the global gradient norm (a scalar tensor)."""
+        grad_norm = self.clip_gradients()
+        self.apply_update(grad_norm)
         return grad_norm
+
+    def _max_norm(self) -> float:
+        return self.cfg.train.grad_clip or float("inf")

@@ -27,7 +27,7 @@ from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, build_task
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import build_model, count_parameters
-from lsys.optim import OptimizerStore, build_optimizer, state_bytes
+from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
 from lsys.step import DTYPES, StepWork
 from parallel.mesh import MeshInfo, build_mesh
@@ -79,6 +79,39 @@ def gather_sequence(x: Tensor, mesh: MeshInfo, layout: str) -> Tensor:
     from parallel.context import gather
 
     return gather(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
+
+
+class NonFiniteGuard:
+    """train.nonfinite: what happens after a step whose loss or gradient norm is not finite (its update was
+    already skipped by `Trainer.train_step`). Returns the message that ends the run, or None to go on."""
+
+    def __init__(self, policy: str, max_in_a_row: int):
+        self.policy = policy
+        self.max_in_a_row = max_in_a_row
+        self.skipped = 0  # steps skipped in this run
+        self.in_a_row = 0
+
+    def check(self, step: int, record: dict[str, Any]) -> str | None:
+        if record["finite"]:
+            self.in_a_row = 0
+            return None
+        self.skipped += 1
+        self.in_a_row += 1
+        what = f"step {step}: loss {record['loss']} and gradient norm {record['grad_norm']}"
+        if self.policy == "stop":
+            return (f"lsys: stopped at {what}: not finite, so the weights were not updated and nothing was "
+                    "checkpointed (train.nonfinite=stop). Lower train.lr or check the data, then run again: it "
+                    "resumes from the last checkpoint (train.nonfinite=skip skips such steps instead)")
+        if self.in_a_row >= self.max_in_a_row:
+            return (f"lsys: stopped at {what}: {self.in_a_row} non-finite steps in a row "
+                    f"(train.nonfinite_max_skips={self.max_in_a_row}); the weights are those of the last finite "
+                    "step and nothing was checkpointed since. Lower train.lr or check the data")
+        return None
+
+    @staticmethod
+    def weights_not_finite(step: int) -> str:
+        return (f"lsys: stopped after step {step}: the weights are not finite, so no checkpoint was written; "
+                "lower train.lr and resume from the last checkpoint")
 
 
 class Trainer:
@@ -141,13 +174,27 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = self.work.accumulate_gradients(micro_batches, global_tokens)
-        grad_norm = self.work.update()
         dist.all_reduce(loss_sum, group=self.mesh.replica_group)
+        grad_norm = self.work.clip_gradients()
+        # Both are global (summed over the replicas, the norm over every shard): every rank decides alike.
+        loss, norm = loss_sum.item() / global_tokens, float(grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            self.work.apply_update(grad_norm)
+        else:
+            self.work.discard_update()
         elapsed = time.perf_counter() - t0
         length = micro_batches[0].tokens.shape[1] * self.mesh.cp_size
         tokens = self.cfg.train.global_batch_size * length
-        return {"loss": loss_sum.item() / global_tokens, "lr": lr, "grad_norm": float(grad_norm),
-                "seq_len": length, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
+        return {"loss": loss, "lr": lr, "grad_norm": norm, "seq_len": length, "step_time_s": elapsed,
+                "tokens_per_s": tokens / elapsed, "finite": finite}
+
+    def _weights_finite(self) -> bool:
+        """Whether every parameter on every rank is finite (checked before a checkpoint is written)."""
+        local = all(bool(torch.isfinite(local_shard(p)).all()) for p in self.model.parameters())
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     # -- evaluation -------------------------------------------------------------------------------------
 
@@ -235,19 +282,29 @@ class Trainer:
                          f"(dp={self.mesh.dp_size}, cp={self.mesh.cp_size}, tp={self.mesh.tp_size}), "
                          f"{self.device.type}{resumed}")
         losses, evals, started = [], [], time.perf_counter()
+        guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_skips)
+        stopped = None
         try:
             for step in range(start, end):
                 self._maybe_fail(step)
                 record = self.train_step(step)
                 losses.append(record["loss"])
                 done = step + 1
+                stopped = guard.check(done, record)
                 logged = None
-                if done % cfg.train.log_every == 0 or done == end:
+                skipped = not record.pop("finite")
+                if skipped:  # always logged; JSON has no NaN or infinity, so those values are null
+                    record.update({k: None for k in ("loss", "grad_norm") if not math.isfinite(record[k])},
+                                  skipped=True)
+                if skipped or done % cfg.train.log_every == 0 or done == end:
                     record["peak_memory_bytes"] = self._peak_memory_per_rank()
-                    logged = {"step": done, **record}
+                    logged = {"step": done, **record, "skipped_steps": guard.skipped}
                     if writer:
                         writer.write(logged)
                 view.step(done, logged)
+                if stopped:
+                    view.message(stopped)
+                    break
                 if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
                     result = {"step": done, "split": "valid", **self.evaluate()}
                     evals.append(result)
@@ -256,6 +313,10 @@ class Trainer:
                     view.message(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                                 if isinstance(v, float)))
                 if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
+                    if not self._weights_finite():  # never write a checkpoint that would poison a resume
+                        stopped = guard.weights_not_finite(done)
+                        view.message(stopped)
+                        break
                     self._save(done)
         finally:
             view.close()
@@ -265,9 +326,10 @@ class Trainer:
         held = {**state_bytes(self.model, self.optimizer), "resident": resident_bytes()}
         state_per_rank = [None] * self.session.world_size
         dist.all_gather_object(state_per_rank, held)
-        summary = {"start_step": start, "end_step": end, "losses": losses, "evals": evals, "wall_time_s": wall,
-                   "peak_memory_bytes": self._peak_memory_per_rank(), "state_bytes_per_rank": state_per_rank,
-                   "run_dir": str(self.run_dir)}
+        summary = {"start_step": start, "end_step": start + len(losses), "losses": losses, "evals": evals,
+                   "wall_time_s": wall, "peak_memory_bytes": self._peak_memory_per_rank(),
+                   "state_bytes_per_rank": state_per_rank, "run_dir": str(self.run_dir),
+                   "skipped_steps": guard.skipped, "stopped": stopped}
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

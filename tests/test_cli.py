@@ -81,3 +81,10 @@ def test_two_rank_context_parallel_run_writes_metrics_config_and_checkpoints(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["end_step"] == 4 and len(summary["losses"]) == 4
+
+
+def test_timeout_stops_every_rank_with_a_clear_line(tmp_path):
+    result = lsys("train", "configs/demo.yaml", "--nproc", "2", *TINY, "parallel.dp=1", "train.steps=100000",
+                  "checkpoint.every=0", f"train.run_dir={tmp_path}", "--timeout", "3")
+    assert result.returncode == 124, result.stderr
+    assert "--timeout 3 s expired; all ranks stopped" in result.stderr and "Traceback" not in result.stderr

@@ -47,6 +47,9 @@ class PlannedStore:
     def put_grad(self, bucket: int, grad: Tensor) -> None:
         pass
 
+    def drop_gradients(self) -> None:
+        pass
+
     def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
         for size in self.sizes:
             yield torch.empty(size, dtype=self.wire_dtype)

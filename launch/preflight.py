@@ -1,0 +1,112 @@
+"""Checks of a run against this machine, made by the CLI before any rank starts: what config validation cannot see
+(files, directories, memory). Each failure is a ValueError naming the key, the path and the fix; nothing is
+created or changed by a check, so a refused run leaves the user's files as they were."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from lsys.config import LsysConfig
+from lsys.metrics import format_bytes
+
+
+def _writable(directory: Path, key: str, value: str) -> None:
+    """Create and remove a probe file: permission bits alone say nothing for root, or on a read-only mount."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lsys-probe-", dir=directory)
+    except OSError as exc:
+        raise ValueError(f"{key}={value!r}: cannot write in {directory} ({exc.strerror}); choose a directory you "
+                         "can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_run_dir(run_dir: str, key: str = "train.run_dir") -> None:
+    """The run directory and its checkpoints/ are directories (or can be made) that this user can write."""
+    path = Path(run_dir)
+    for target in (path, path / "checkpoints", path / "metrics.jsonl"):
+        if target.is_symlink() and not target.exists():
+            raise ValueError(f"{key}={run_dir!r}: {target} is a dangling symbolic link; remove it or choose another "
+                             f"{key}")
+    for target in (path, path / "checkpoints"):
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{key}={run_dir!r}: {target} exists and is not a directory; choose another {key}")
+    if (path / "metrics.jsonl").is_dir():
+        raise ValueError(f"{key}={run_dir!r}: {path / 'metrics.jsonl'} is a directory; remove it or choose another "
+                         f"{key}")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{key}={run_dir!r}: {existing} is not a directory; choose another {key}")
+    _writable(existing, key, run_dir)
+    if (path / "checkpoints").is_dir():
+        _writable(path / "checkpoints", key, run_dir)
+
+
+def check_memory(cfg: LsysConfig, world_size: int, local_ranks: int, vocab_size: int) -> None:
+    """CPU ranks share this machine's memory: refuse a run whose model states and stored activations alone (the
+    analytic estimate, a lower bound of what a step holds) exceed it, instead of letting the ranks die of it."""
+    from lsys.memory.analytic import analytic_estimate
+
+    per_rank = analytic_estimate(cfg, world_size, vocab_size).total
+    total = psutil.virtual_memory().total
+    if per_rank * local_ranks > total:
+        m = cfg.model
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size}, model.num_layers={m.num_layers}, data.seq_len={cfg.data.seq_len}, "
+            f"train.global_batch_size={cfg.train.global_batch_size}: {local_ranks} rank(s) x "
+            f"{format_bytes(per_rank)} (model states and stored activations, a lower bound) exceed this machine's "
+            f"{format_bytes(total)}; lower these sizes, or plan the run with `lsys plan`")
+
+
+def check_run(cfg: LsysConfig, world_size: int, local_ranks: int) -> None:
+    """Everything a local run (`lsys train`, `lsys profile`) needs from this machine, before any rank starts."""
+    check_run_dir(cfg.train.run_dir)
+    vocab = _vocabulary(cfg)
+    if cfg.checkpoint.resume:
+        check_resume(cfg, world_size, vocab)
+    if _device(cfg) == "cpu":
+        check_memory(cfg, world_size, local_ranks, vocab)
+
+
+def check_resume(cfg: LsysConfig, world_size: int, vocab_size: int) -> None:
+    """Checkpoints in the run directory, none of which this run could resume from (another model shape, all
+    damaged): refused now, not after the ranks have built the model. Which one is resumed, and what is skipped,
+    the trainer says itself."""
+    from dataclasses import replace
+
+    from lsys.checkpoint_verify import model_shape, preflight_resume, run_layout
+
+    preflight_resume(cfg.train.run_dir, model_shape(replace(cfg.model, vocab_size=vocab_size)),
+                     layout=run_layout(cfg, world_size))
+
+
+def _device(cfg: LsysConfig) -> str:
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _vocabulary(cfg: LsysConfig) -> int:
+    """The model's vocabulary: model.vocab_size, checked against the task's, else the task's. A text dataset is
+    checked here (without megatron-core) and its vocabulary read from its metadata."""
+    if cfg.data.task == "text":
+        from lsys.data import check_text_inputs
+
+        task_vocab = check_text_inputs(cfg.data.text.path, cfg.data.text.cache_dir or None)[0]["vocab_size"]
+    else:
+        from lsys.data import build_task
+        from lsys.trainer import task_options
+
+        task_vocab = build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg)).vocab_size
+    if cfg.model.vocab_size and cfg.model.vocab_size < task_vocab:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} task's "
+                         f"vocabulary {task_vocab}; raise it or use 0 for the task's")
+    return cfg.model.vocab_size or task_vocab
