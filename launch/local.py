@@ -1,8 +1,12 @@
-"""Local multi-process launch: N ranks on this machine, rendezvous on loopback, first failure ends all.
+"""Local multi-process launch: N ranks on this machine, nothing reachable from outside it, first failure ends all.
 
-Used by `lsys train --nproc N` and by the multi-rank tests. Ranks are started from a forkserver that has
-already imported torch, so each rank starts in a fraction of a second without inheriting the parent's
+Used by `lsys train --nproc N`, `lsys profile` and the multi-rank tests. Ranks are started from a forkserver that
+has already imported torch, so each rank starts in a fraction of a second without inheriting the parent's
 OpenMP state (a plain fork after torch ran a parallel region can deadlock).
+
+The ranks rendezvous through a FileStore in the launcher's private temporary directory, not env://: c10d's
+TCPStore server would listen on every interface (with no authentication) for the whole run, whatever
+MASTER_ADDR says. Gloo's (and NCCL's) own connections bind to the loopback interface.
 """
 
 from __future__ import annotations
@@ -46,15 +50,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def rank_environment(rank: int, world_size: int, port: int, threads_per_rank: int) -> dict[str, str]:
-    """The torchrun-style variables one local rank sees; everything binds to loopback."""
+def rank_environment(rank: int, world_size: int, store_file: str, threads_per_rank: int) -> dict[str, str]:
+    """The torchrun-style variables one local rank sees, with the FileStore to rendezvous through instead of
+    MASTER_ADDR/MASTER_PORT (so that nothing can fall back to a TCPStore); connections bind to loopback."""
+    from lsys.session import STORE_FILE_ENV  # here, not at the top: it imports torch, which `lsys submit` never needs
+
     env = {
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
+        STORE_FILE_ENV: store_file,
         "OMP_NUM_THREADS": str(threads_per_rank),
     }
     interface = loopback_interface()
@@ -89,9 +95,9 @@ def _rank_main(
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     try:
         if init_backend is not None:
-            import torch.distributed as dist
+            from lsys.session import init_process_group
 
-            dist.init_process_group(init_backend, timeout=timedelta(seconds=collective_timeout_s))
+            init_process_group(init_backend, timedelta(seconds=collective_timeout_s))
         result = fn(*args)
         torch.save(result, Path(result_dir) / f"rank{rank}.pt")
     except BaseException:
@@ -161,14 +167,15 @@ def spawn(
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    port = free_port()
     # Only this process holds the sending end; when it exits for any reason every rank sees EOF and exits.
     lifeline, lifeline_sender = ctx.Pipe(duplex=False)
+    # Private to this user (mode 0700), fresh for every launch: the store file is never shared or reused.
     with tempfile.TemporaryDirectory(prefix="lsys-ranks-") as result_dir:
+        store_file = str(Path(result_dir, "rendezvous"))
         processes = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, args, rank_environment(r, nproc, port, threads), result_dir, init_backend,
+                args=(fn, args, rank_environment(r, nproc, store_file, threads), result_dir, init_backend,
                       collective_timeout_s, lifeline),
                 name=f"lsys-rank{r}",
             )

@@ -9,17 +9,21 @@ and the Jobs API times out. Nodes created in-process with `RAY_ENABLE_WINDOWS_OR
 on 127.0.0.1, and one process can add a second node that joins the head as a separate raylet.
 
 Security: every server binds to 127.0.0.1 and the cluster runs in token auth mode with a fresh token in a 0600
-file; clients of this cluster (this CLI, job drivers, workers) present it.
+file; clients of this cluster (this CLI, job drivers, workers) present it. Ray's temp dir (sessions, Unix sockets,
+logs, `ray_current_cluster`) is this cluster's own, inside a directory only this user may enter, not the
+machine-wide /tmp/ray that any other Ray on the machine uses (see `ray_tmpdir`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -31,6 +35,11 @@ import psutil
 
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120.0
+# Ray's longest Unix socket path below RAY_TMPDIR: a session of a 7-digit pid, and a socket name of up to 20 bytes
+# (ray 2.60's longest is the dashboard's "dash_MetricsHead"); and the most bytes a Unix socket path may have (108
+# with the terminating NUL).
+_RAY_SOCKET_SUFFIX = len("/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/") + 20
+_SOCKET_PATH_MAX = 107
 
 
 def lsys_home() -> Path:
@@ -62,6 +71,7 @@ class ClusterState:
     gpus: int  # all on the head
     stop_when_idle_s: float  # 0: keep running until `lsys cluster stop`
     started_at: float
+    ray_temp_dir: str  # the cluster's Ray sessions, sockets and logs
 
 
 def _state_path(home: Path) -> Path:
@@ -166,6 +176,29 @@ def planned_shape(home: Path, num_nodes: int) -> tuple[int, int, int]:
 # -- the daemon ---------------------------------------------------------------------------------------------
 
 
+def ray_tmpdir(home: Path) -> Path:
+    """The RAY_TMPDIR of the cluster under `home` (Ray keeps everything in its `ray/` subdirectory): LSYS_HOME/cluster,
+    or, when that is too deep for Ray's Unix socket paths (about 23 bytes of LSYS_HOME fit), /tmp/lsys-<hash of
+    LSYS_HOME>."""
+    home = home.absolute()
+    preferred = cluster_dir(home)
+    if len(os.fsencode(preferred)) + _RAY_SOCKET_SUFFIX <= _SOCKET_PATH_MAX:
+        return preferred
+    return Path("/tmp", f"lsys-{hashlib.sha256(os.fsencode(home)).hexdigest()[:12]}")
+
+
+def _private_directory(path: Path) -> Path:
+    """`path`, created with mode 0700, or refused unless it is a directory of this user (then made 0700): Ray makes
+    its own temp dir writable by everyone, so the directory above it must keep other users out."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise RuntimeError(f"{path} is not a directory owned by this user; remove it, it holds the embedded cluster's "
+                           "Ray state")
+    path.chmod(0o700)
+    return path
+
+
 def gpus_on_this_machine() -> int:
     from ray._private.accelerators import NvidiaGPUAcceleratorManager
 
@@ -214,6 +247,10 @@ def _idle_since(url: str, since: float) -> float:
 
 
 def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, stop_when_idle_s: float) -> None:
+    # Through the environment (set before Ray is imported), not the nodes' temp_dir argument: Cluster writes, and on
+    # shutdown deletes, the ray_current_cluster file of the default temp dir, which RAY_TMPDIR moves; the raylets,
+    # job drivers and workers inherit it too.
+    os.environ["RAY_TMPDIR"] = str(_private_directory(ray_tmpdir(home)))
     from ray.cluster_utils import Cluster
 
     from launch.local import free_port
@@ -236,7 +273,7 @@ def serve(home: Path, num_nodes: int, cpus_per_node: int, dashboard_port: int, s
         url = f"http://{LOOPBACK}:{port}"
         _wait_for_jobs_api(url, cluster.address, cluster.head_node.node_id)
         state = ClusterState(os.getpid(), cluster.address, url, num_nodes, cpus_per_node, gpus, stop_when_idle_s,
-                             time.time())
+                             time.time(), cluster.head_node.get_temp_dir_path())
         tmp = _state_path(home).with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         tmp.replace(_state_path(home))

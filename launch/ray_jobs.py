@@ -17,6 +17,7 @@ from launch.local import loopback_interface
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 CONFIG_ENV = "LSYS_JOB_CONFIG"  # the validated config, as JSON, for the job's entry point
+EMBEDDED_ENV = "LSYS_EMBEDDED"  # "1": the job runs on the embedded cluster, all of its workers on this machine
 SUBMIT_RETRY_S = 60.0
 
 
@@ -68,9 +69,9 @@ def submit(address: str, config: dict[str, Any], *, embedded: bool) -> str:
     """Submit `config` (already validated) as a job that runs launch.ray_train; returns the submission id.
 
     The entry point is built from fixed words only (no user input reaches a shell): the config travels as an
-    environment variable. On the embedded cluster the job uses this interpreter (the cluster was started by it)
-    and gloo binds to loopback; elsewhere it uses the cluster's `python`, whose environment must have lsys
-    installed (the images in docker/ do).
+    environment variable. On the embedded cluster the job uses this interpreter (the cluster was started by it),
+    gloo binds to loopback and the ranks rendezvous through a file (launch/ray_rendezvous.py); elsewhere it uses
+    the cluster's `python`, whose environment must have lsys installed (the images in docker/ do).
     """
     python = sys.executable if embedded else "python"
     env = {CONFIG_ENV: json.dumps(config)}
@@ -78,6 +79,8 @@ def submit(address: str, config: dict[str, Any], *, embedded: bool) -> str:
     if interface is not None:
         env["GLOO_SOCKET_IFNAME"] = interface
         env["NCCL_SOCKET_IFNAME"] = interface
+    if embedded:
+        env[EMBEDDED_ENV] = "1"
     client = _client(address)
     request = {
         "entrypoint": shlex.join([python, "-m", "launch.ray_train"]),

@@ -5,6 +5,10 @@ with the config's collective timeout) and the restarts: when a worker dies, the 
 started again up to cluster.max_failures times, and each new group resumes from the newest complete checkpoint
 in train.run_dir (directories still being written are never used, see lsys.checkpoint).
 
+On the embedded cluster ($LSYS_EMBEDDED=1, set by `lsys submit`) the ranks meet through a FileStore in
+run_dir/rendezvous, so no worker listens for the rendezvous (launch/ray_rendezvous.py). Elsewhere Ray's TCP
+rendezvous spans the nodes: its store listens on every interface of rank 0's node while the group lives.
+
 Run by the Jobs API as `python -m launch.ray_train`, with the config `lsys submit` validated in $LSYS_JOB_CONFIG;
 or, as the entry point of a job submitted by other means (a KubeRay RayJob, `ray job submit`), as
 `python -m launch.ray_train CONFIG [key=value ...]`, which loads and validates the config itself.
@@ -19,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.ray_jobs import CONFIG_ENV
+from launch.ray_jobs import CONFIG_ENV, EMBEDDED_ENV
 
 
 def _record_placement(run_dir: Path, rank: int, optimizer_node_id: str | None) -> None:
@@ -49,14 +53,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         store = RayOptimizerStore(cfg.optim, rank)
     _record_placement(Path(cfg.train.run_dir), rank, store.node_id if store else None)
-    train(cfg, store)
+    summary = train(cfg, store)
+    if summary["stopped"]:  # train.nonfinite ended the run: the job fails with the reason
+        raise RuntimeError(summary["stopped"])
 
 
-def build_trainer(values: dict[str, Any]):
-    """A TorchTrainer for the config dict `values` (already validated for cluster.num_workers ranks)."""
+def build_trainer(values: dict[str, Any], *, embedded: bool):
+    """A TorchTrainer for the config dict `values` (already validated for cluster.num_workers ranks); `embedded`:
+    all workers run on this machine and rendezvous through a file in run_dir/rendezvous."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from launch.ray_rendezvous import FileStoreTorchConfig
     from lsys.config import config_from_dict
 
     cfg = config_from_dict(values)
@@ -65,10 +73,16 @@ def build_trainer(values: dict[str, Any]):
     resources = {"CPU": k.cpus_per_worker, **k.resources_per_worker}
     if use_gpu:
         resources["GPU"] = k.gpus_per_worker
+    backend, timeout_s = ("nccl" if use_gpu else "gloo"), int(cfg.train.collective_timeout_s)
+    if embedded:
+        torch_config = FileStoreTorchConfig(backend=backend, timeout_s=timeout_s,
+                                            store_dir=str(run_dir / "rendezvous"))
+    else:
+        torch_config = TorchConfig(backend=backend, timeout_s=timeout_s)
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": values},
-        torch_config=TorchConfig(timeout_s=int(cfg.train.collective_timeout_s)),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=k.placement_strategy),
         # Ray Train's own run state lands in the run directory, beside lsys' metrics and checkpoints.
@@ -108,7 +122,7 @@ def main(argv: list[str]) -> None:
 
     ray.init()  # the job's cluster, from RAY_ADDRESS
     warn_if_short(cfg)
-    build_trainer(values).fit()
+    build_trainer(values, embedded=os.environ.get(EMBEDDED_ENV) == "1").fit()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,7 +10,10 @@ import torch
 import torch.distributed as dist
 
 from launch.local import RankFailedError, spawn
+from lsys.metrics import read_metrics
+from tests.commands import ROOT, TINY
 from tests.distributed import run_ranks
+from tests.sockets import exposed, listeners, process_tree
 
 
 def _sum_of_ranks() -> float:
@@ -88,3 +92,34 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids), f"ranks {pids} outlived their launcher"
+
+
+def test_a_training_run_listens_on_loopback_only(tmp_path):
+    # Long enough to sample while both ranks train; --timeout ends it should the test itself die.
+    command = [sys.executable, "-m", "launch.cli", "train", "configs/demo.yaml", "--nproc", "2", *TINY,
+               "parallel.dp=1", "train.steps=100000", "checkpoint.every=0", "train.eval_every=0", "--timeout", "240",
+               f"train.run_dir={tmp_path}"]
+    log = tmp_path / "log"  # a file, not a pipe: a full pipe would stall the run's logging
+    with log.open("w") as out:
+        launcher = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    metrics, seen = tmp_path / "metrics.jsonl", set()
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and read_metrics(metrics)):  # both ranks are in the group and training
+            assert launcher.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no step logged within 120 s"
+            time.sleep(0.2)
+        for _ in range(5):
+            found = listeners(process_tree(launcher.pid))  # the launcher, its forkserver and the ranks
+            assert len({listener.pid for listener in found}) >= 2, f"each rank's gloo listener: {found}"
+            seen.update(found)
+            time.sleep(0.3)
+        assert launcher.poll() is None, "the run ended while it was sampled"
+    finally:
+        launcher.send_signal(signal.SIGINT)  # a clean stop: the launcher ends its ranks and removes its temp dir
+        try:
+            launcher.wait(30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+    assert not exposed(seen), exposed(seen)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from launch.ray_cluster import running_cluster
+from launch.ray_cluster import ray_tmpdir, running_cluster
 from lsys.metrics import read_metrics
 from tests.commands import TINY, lsys
 
@@ -52,6 +53,8 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(tm
     # Rank 1 died before step 4; the restarted group resumed from the checkpoint of step 2.
     assert (faulted / "injected_failure_step4_rank1").exists()
     assert "resumed from step 2" in result.stdout
+    # Each group met in a fresh FileStore under run_dir/rendezvous; the dead group's file went with it, then the rest.
+    assert not (faulted / "rendezvous").exists()
     # The embedded cluster this submit started is gone, its job archived and still listed.
     assert running_cluster(home) is None
     listed = lsys("jobs", "list", "--json", home=home)
@@ -66,11 +69,20 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(tm
                                torch.tensor([expected[s] for s in sorted(got)], dtype=torch.float64))
 
 
-def test_cluster_stops_itself_once_idle_and_keeps_its_jobs_readable(tmp_path):
+def test_cluster_stops_itself_once_idle_and_keeps_its_jobs_readable(tmp_path, monkeypatch):
     home = tmp_path / "home"
+    # Ray's default temp dir (RAY_TMPDIR/ray, else /tmp/ray) as another Ray cluster on this machine left it: the
+    # embedded cluster keeps its state elsewhere, and neither writes nor, when it stops, deletes this address file.
+    other_ray = tmp_path / "other" / "ray"
+    other_ray.mkdir(parents=True)
+    (other_ray / "ray_current_cluster").write_bytes(b"10.1.2.3:6379")
+    monkeypatch.setenv("RAY_TMPDIR", str(other_ray.parent))
     # Long enough for the submit below to reach the cluster on a slow machine, short enough to wait for.
     started = lsys("cluster", "start", "--stop-when-idle", "15", home=home, timeout=180)
     assert started.returncode == 0, started.stderr
+    # pytest's LSYS_HOME is too deep for Ray's Unix socket paths: Ray's state goes to a short directory instead.
+    ray_dir = Path(json.loads(lsys("cluster", "status", home=home).stdout)["ray_temp_dir"])
+    assert ray_dir.parent == ray_tmpdir(home) and ray_dir.parent.parent == Path("/tmp")
     submitted = lsys("submit", "configs/demo.yaml", *RUN, f"train.run_dir={tmp_path / 'run'}", home=home)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.splitlines()[0]
@@ -78,6 +90,8 @@ def test_cluster_stops_itself_once_idle_and_keeps_its_jobs_readable(tmp_path):
     while running_cluster(home) is not None:
         assert time.monotonic() < deadline, "the idle cluster did not stop"
         time.sleep(1)
+    assert [p.name for p in other_ray.iterdir()] == ["ray_current_cluster"]
+    assert (other_ray / "ray_current_cluster").read_bytes() == b"10.1.2.3:6379"
     assert "SUCCEEDED" in lsys("jobs", "status", job_id, home=home).stdout
     assert "step      6" in lsys("jobs", "logs", job_id, home=home).stdout
     stop = lsys("jobs", "stop", job_id, home=home)
