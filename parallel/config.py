@@ -18,6 +18,10 @@ class ParallelConfig:
     cp_ring / cp_ulysses: context-parallel degrees (ring attention, Ulysses all-to-all; both: 2-D hybrid).
     tp: tensor-parallel degree.
     cp_layout: how the sequence is split over ring ranks: "zigzag" balances causal work, "contiguous" does not.
+    fsdp_unit_params: the fewest parameters one FSDP2 unit gathers: consecutive blocks are grouped until they hold
+      this many, and blocks left below it stay with the root (gathered for the whole step). 0: every block is its
+      own unit. Each unit costs an all-gather in forward and in backward and a reduce-scatter, whatever its size,
+      so a small model on CPU ranks trains faster with fewer units; a large one needs per-block units for memory.
     """
 
     dp: int = -1
@@ -25,6 +29,7 @@ class ParallelConfig:
     cp_ulysses: int = 1
     tp: int = 1
     cp_layout: str = "zigzag"
+    fsdp_unit_params: int = 0
 
     @property
     def cp(self) -> int:
@@ -73,6 +78,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp={self.dp}: use a positive degree, or -1 to fill the world size")
         if self.cp_layout not in CP_LAYOUTS:
             raise ValueError(f"parallel.cp_layout={self.cp_layout!r}: choose one of {', '.join(CP_LAYOUTS)}")
+        if self.fsdp_unit_params < 0:
+            raise ValueError(f"parallel.fsdp_unit_params={self.fsdp_unit_params}: use 0 for one FSDP2 unit per "
+                             "block, or the fewest parameters a unit of consecutive blocks holds")
 
 
 @dataclass

@@ -8,7 +8,10 @@ replica axis of the same mesh (2-D: replica x tp).
 Gradients are SUMMED, not averaged (divide factor 1): the training loss is already divided by the global
 token count, so the sum over replicas is the exact gradient of the global mean loss whatever the split.
 Each block is its own FSDP unit (its parameters all-gathered just before its forward and again before its
-backward, freed after), then the root takes the embedding, final norm and output head.
+backward, freed after), then the root takes the embedding, final norm and output head. With `min_unit_params`
+consecutive blocks share a unit until they hold that many parameters, and blocks left below it join the root,
+whose parameters stay gathered from forward to the end of backward: every unit costs two all-gathers and a
+reduce-scatter per step, each a rendezvous of all replicas, which dominates a small model's step on CPU ranks.
 """
 
 from __future__ import annotations
@@ -25,8 +28,21 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from parallel.transforms import mark_applied
 
 
-def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh) -> None:
-    """Shard `model` (blocks, then the root) over `replica_mesh`, in place."""
+def block_units(blocks: list[nn.Module], min_unit_params: int) -> list[list[nn.Module]]:
+    """Consecutive runs of `blocks` holding at least `min_unit_params` parameters each (full sizes, not shards);
+    a trailing run below it is left out (the root takes it). 0: one run per block."""
+    units, run, held = [], [], 0
+    for block in blocks:
+        run.append(block)
+        held += sum(p.numel() for p in block.parameters())
+        if held >= min_unit_params:
+            units.append(run)
+            run, held = [], 0
+    return units
+
+
+def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh, min_unit_params: int = 0) -> None:
+    """Shard `model` (units of blocks, then the root) over `replica_mesh`, in place (see `block_units`)."""
     mark_applied(model, "data parallelism")
     # The root returns the logits, a view when tensor parallelism hands back its local shard; FSDP2 warns in
     # case the caller modifies it in place, which the trainer never does.
@@ -34,8 +50,8 @@ def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh) -> None:
     # The global gradient norm over replica x tp DTensors is reduced over both axes in two steps, one scalar
     # each; DTensor logs that as a performance hint on every rank at every step.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-    for block in model.blocks:
-        fully_shard(block, mesh=replica_mesh)
+    for unit in block_units(list(model.blocks), min_unit_params):
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=replica_mesh)
     fully_shard(model, mesh=replica_mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -10,7 +10,8 @@ Fixed order (each later step wraps what the earlier ones produced):
   4. recomputation: selected blocks checkpoint their forward (selective mode replays attention's output
      instead of running it again, so it wraps the attention of steps 2 and 3);
   5. sharded data parallelism (FSDP2) over the replica axis (dp x cp), gradients summed; last, so that it
-     shards the DTensors of step 1 and its per-block all-gathers surround the checkpointed forwards.
+     shards the DTensors of step 1 and its per-block (or per-unit, `cfg.fsdp_unit_params`) all-gathers
+     surround the checkpointed forwards.
 Each transform marks the model and refuses to run twice.
 """
 
@@ -57,5 +58,5 @@ def parallelize(
     apply_activation_quantization(model, quant, recompute)
     apply_recompute(model, recompute)
     if mesh.replica_size > 1:
-        shard_data_parallel(model, mesh.replica_mesh)
+        shard_data_parallel(model, mesh.replica_mesh, cfg.fsdp_unit_params)
     return model

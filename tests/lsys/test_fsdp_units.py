@@ -1,0 +1,48 @@
+"""FSDP2 units of several blocks (parallel.fsdp_unit_params) train exactly like one rank, and AdamW's foreach path
+(what lsys.optim builds) makes the same update as its per-parameter loop."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+from tests.lsys.harness import assert_same_training, losses_and_grads, tiny_config
+
+# The tiny model's blocks hold about 9.3K parameters each: 10K groups both into one unit, 10**9 leaves them with
+# the root.
+TWO_BLOCKS, ROOT_ONLY = "parallel.fsdp_unit_params=10000", "parallel.fsdp_unit_params=1000000000"
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return run_ranks(losses_and_grads, 1, tiny_config(tmp_path_factory.mktemp("ref")))[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    (TWO_BLOCKS, "parallel.dp=2", "parallel.cp_ring=2"),
+    (ROOT_ONLY, "parallel.dp=2", "parallel.cp_ring=2", "recompute.mode=full"),
+    (TWO_BLOCKS, "parallel.dp=2", "parallel.tp=2", "recompute.mode=full"),
+    (ROOT_ONLY, "parallel.dp=2", "parallel.tp=2"),
+], ids=["two-blocks-dp2-ring2", "root-only-dp2-ring2-full", "two-blocks-dp2-tp2-full", "root-only-dp2-tp2"])
+def test_fsdp_units_train_exactly_like_one_rank(tmp_path, one_rank, overrides):
+    for result in run_ranks(losses_and_grads, 4, tiny_config(tmp_path, *overrides)):
+        assert_same_training(result, one_rank)
+
+
+def _per_parameter_adamw(values):
+    import lsys.optim
+
+    lsys.optim.torch.optim.AdamW = functools.partial(torch.optim.AdamW, foreach=False)
+    return losses_and_grads(values)
+
+
+def test_foreach_adamw_is_bit_identical_to_the_per_parameter_loop_on_sharded_parameters(tmp_path):
+    values = tiny_config(tmp_path, "parallel.dp=2", "train.steps=4")
+    for foreach, loop in zip(run_ranks(losses_and_grads, 2, values), run_ranks(_per_parameter_adamw, 2, values),
+                             strict=True):
+        assert foreach["losses"] == loop["losses"]
+        for a, b in zip(foreach["grads"], loop["grads"], strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
