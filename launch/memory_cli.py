@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace, ranks: int | None) -> tuple[Any, int]:
 
 def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid) -> int:
     from launch.local import RankFailedError, spawn
-    from launch.preflight import check_run, check_run_dir
+    from launch.preflight import check_inputs, check_run_dir
     from lsys.config import to_dict
     from lsys.memory.profile import profile_rank
     from lsys.memory.report import layer_table, plot, rank_table, write_json
@@ -79,7 +79,7 @@ def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid
             raise ValueError(f"optim.offload={cfg.optim.offload}: profile runs local ranks; the offloaded state lives "
                              "in Ray actors (plan it with `lsys plan`, or set optim.offload=none)")
         check_run_dir(args.out, key="--out")
-        check_run(cfg, nproc, local_ranks=nproc)
+        check_inputs(cfg, nproc, local_ranks=nproc)
     except ValueError as exc:
         return invalid(console, exc)
     out = Path(args.out)

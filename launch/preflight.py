@@ -65,13 +65,21 @@ def check_memory(cfg: LsysConfig, world_size: int, local_ranks: int, vocab_size:
 
 
 def check_run(cfg: LsysConfig, world_size: int, local_ranks: int) -> None:
-    """Everything a local run (`lsys train`, `lsys profile`) needs from this machine, before any rank starts."""
+    """Everything a training run (`lsys train`, `lsys submit` to the embedded cluster) needs from this machine,
+    before any rank starts: its run directory, its data, a checkpoint it can resume, memory."""
     check_run_dir(cfg.train.run_dir)
-    vocab = _vocabulary(cfg)
+    vocab = check_inputs(cfg, world_size, local_ranks)
     if cfg.checkpoint.resume:
         check_resume(cfg, world_size, vocab)
+
+
+def check_inputs(cfg: LsysConfig, world_size: int, local_ranks: int) -> int:
+    """The data and memory of a run on this machine (what `lsys profile` needs too: it uses no run directory);
+    returns the model's vocabulary size."""
+    vocab = _vocabulary(cfg)
     if _device(cfg) == "cpu":
         check_memory(cfg, world_size, local_ranks, vocab)
+    return vocab
 
 
 def check_resume(cfg: LsysConfig, world_size: int, vocab_size: int) -> None:

@@ -14,8 +14,10 @@ CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", 
 @pytest.mark.slow
 def test_profile_writes_every_ranks_breakdown_and_a_picture(tmp_path):
     out = tmp_path / "profile"
+    not_a_run_dir = tmp_path / "file"  # profile trains no run: its run directory is neither checked nor used
+    not_a_run_dir.write_text("x")
     result = lsys("profile", "configs/demo.yaml", *TINY, "parallel.dp=1", "--nproc", "2", "--steps", "2",
-                  "--out", str(out))
+                  "--out", str(out), f"train.run_dir={not_a_run_dir}")
     assert result.returncode == 0, result.stderr
     document = json.loads((out / "memory.json").read_text())
     assert [r["rank"] for r in document["ranks"]] == [0, 1]
