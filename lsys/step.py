@@ -21,7 +21,10 @@ from lsys.model import logit_losses
 from lsys.optim import OffloadedAdamW
 from parallel.data_parallel import gradient_sync
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A train.param_dtype or compute_dtype (one of lsys.config.DTYPES, each named as torch names it) -> the dtype."""
+    return getattr(torch, name)
 
 
 class StepProbe(Protocol):
@@ -46,7 +49,7 @@ class StepWork:
         if t.compute_dtype != t.param_dtype:
             # No cast cache: it would keep a low-precision copy of every layer's gathered weight until the forward
             # ends, whatever FSDP2 frees (16 GiB per rank for configs/gpu_8b_1m.yaml, found by `lsys plan`).
-            return torch.autocast(self.device.type, dtype=DTYPES[t.compute_dtype], cache_enabled=False)
+            return torch.autocast(self.device.type, dtype=torch_dtype(t.compute_dtype), cache_enabled=False)
         return contextlib.nullcontext()
 
     def token_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
