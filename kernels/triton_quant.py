@@ -2,7 +2,8 @@
 
 One program per BLOCK of the flat, contiguous tensor. An element's group is (flat index // span) % G, so any
 channel_dim and any grouping is the same 1-D kernel; the per-group scale / shift are gathered (G floats, cached).
-The stochastic-rounding bits hash (key, flat index) with the same uint32 mixer as kernels.quant.uniform_from_index.
+The stochastic-rounding bits hash (key, flat index) with the same uint32 mixer as
+kernels.quant_common.uniform_from_index.
 
 Bit equality with the torch path rests on three choices: the reciprocal scale is computed once by torch (Triton's
 fp32 division is approximate); rounding compares u with frac instead of adding them; and the kernels are built
@@ -19,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from kernels.quant import _prepare_dequantize, _prepare_quantize
+from kernels.quant_common import prepare_dequantize, prepare_quantize
 
 BLOCK = 1024
 # Flat indices stay int32 (cheaper division) while the last program's offsets fit; tests lower it to force the
@@ -29,7 +30,7 @@ INDEX32_LIMIT = 2**31 - 1
 
 @triton.jit
 def _mix(h):
-    # uint32 -> uint32; the same rounds as kernels.quant._mix (uint32 multiplies wrap mod 2**32 here).
+    # uint32 -> uint32; the same rounds as kernels.quant_common._mix (uint32 multiplies wrap mod 2**32 here).
     h ^= h >> 15
     h *= 0x2C1B3C6D
     h ^= h >> 12
@@ -118,7 +119,7 @@ def triton_quantize_int8(
 
     See kernels.quant.quantize_int8. A non-contiguous x is copied to contiguous first.
     """
-    span, inv_scale, shift, key = _prepare_quantize(x, scale, shift, channel_dim, seed)
+    span, inv_scale, shift, key = prepare_quantize(x, scale, shift, channel_dim, seed)
     _check_device(x, "quantize_int8")
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -140,7 +141,7 @@ def triton_dequantize_int8(q: Tensor, scale: Tensor, shift: Tensor, *, channel_d
 
     See kernels.quant.dequantize_int8.
     """
-    span, scale, shift = _prepare_dequantize(q, scale, shift, channel_dim, dtype)
+    span, scale, shift = prepare_dequantize(q, scale, shift, channel_dim, dtype)
     _check_device(q, "dequantize_int8")
     q = q.contiguous()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)

@@ -36,12 +36,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from lsys.checkpoint_verify import (
     Unusable,
@@ -52,7 +47,7 @@ from lsys.checkpoint_verify import (
     read_manifest,
     write_manifest,
 )
-from lsys.optim import OffloadedAdamW
+from lsys.optim import TrainingOptimizer
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -90,12 +85,11 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
-    progress = {"step": torch.tensor(step)}
-    if isinstance(optimizer, OffloadedAdamW):  # its state is per rank, in _rank_file
-        return {"model": get_model_state_dict(model), "progress": progress}
-    model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optim_state, "progress": progress}
+def _app_state(model: nn.Module, optimizer: TrainingOptimizer, step: int) -> dict:
+    # Keys "model", "optimizer" (a local optimizer's; an offloaded one's state is per rank, in _rank_file) and
+    # "progress": the checkpoint format.
+    return {"model": get_model_state_dict(model), **optimizer.checkpoint_state(model),
+            "progress": {"step": torch.tensor(step)}}
 
 
 def _rank_file(directory: Path) -> Path:
@@ -116,7 +110,7 @@ def prunable(root: Path, keep: Path, keep_last: int) -> list[Path]:
     return verified[keep_last - 1:]
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep_last: int,
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: TrainingOptimizer, keep_last: int,
                     *, shape: dict, layout: dict, config: dict) -> Path:
     """Collective: every rank calls it. `shape`, `layout` and `config` (lsys.checkpoint_verify.model_shape,
     run_layout, the config dict) go into the manifest. Returns the final directory."""
@@ -127,7 +121,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     dcp.save(_app_state(model, optimizer, step), checkpoint_id=tmp)  # fsyncs its shards (sync_files=True)
-    if isinstance(optimizer, OffloadedAdamW):
+    if optimizer.per_rank_state:
         with _rank_file(tmp).open("wb") as f:
             torch.save(optimizer.rank_state(), f)
             f.flush()
@@ -145,17 +139,16 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainingOptimizer) -> int:
     """Collective: restore model and optimizer in place (any data-parallel layout); returns the saved step.
     `path` must have been chosen by lsys.checkpoint_verify.select_checkpoint (verified, of this model's shape)."""
     state = _app_state(model, optimizer, step=-1)
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_WeightsOnlyLoadPlanner())
-    if isinstance(optimizer, OffloadedAdamW):
-        set_model_state_dict(model, state["model"])
+    optimizer.load_checkpoint_state(model, state)  # before the model, the order of torch's set_state_dict
+    set_model_state_dict(model, state["model"])
+    if optimizer.per_rank_state:
         if not _rank_file(path).is_file():
             raise ValueError(f"{path} has no offloaded optimizer state for rank {dist.get_rank()}: it was saved "
                              "with another optim.offload or number of ranks; resume with those")
         optimizer.load_rank_state(torch.load(_rank_file(path), weights_only=True))
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return int(state["progress"]["step"])

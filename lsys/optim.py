@@ -1,5 +1,8 @@
 """The optimizer: torch AdamW on the rank, or AdamW whose fp32 state lives in an optimizer store elsewhere.
 
+Both are a `TrainingOptimizer`, the one interface the step, checkpoints and the memory tools use, so none of them
+asks which optimizer it has.
+
 With `optim.offload=cpu` a rank keeps only its parameters and gradients (16- or 32-bit, the local shards when
 FSDP2 or tensor parallelism shard them). An `OptimizerStore` (a Ray actor, launch/ray_offload.py, on any node)
 holds the fp32 master copy of those shards and both Adam moments: 12 bytes per parameter that leave the rank.
@@ -17,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from lsys.config import LsysConfig
@@ -46,6 +50,36 @@ class OptimizerStore(Protocol):
         """End abruptly, as a lost node would (fault injection): every later call raises."""
 
 
+class TrainingOptimizer(Protocol):
+    """What the step (lsys.step), checkpoints (lsys.checkpoint) and the memory tools use of an optimizer."""
+
+    param_groups: list[dict[str, Any]]
+    # True: part of the state is tied to this rank's parameter shards and cannot be resharded by DCP: rank_state()
+    # is saved in a file per rank and load_rank_state() restores it (only such optimizers have the two).
+    per_rank_state: bool
+
+    def stream_gradients(self) -> contextlib.AbstractContextManager:
+        """Around the backward that makes the gradients final (the last micro-batch's)."""
+
+    def step_clipped(self, grad_norm: Tensor, max_norm: float) -> None:
+        """The update, once torch's clip_grad_norm_(max_norm) has clipped the local gradients and returned
+        `grad_norm` (a scalar tensor; its value is not read here, the step runs on fake tensors too)."""
+
+    def discard_gradients(self) -> None:
+        """Skip this step: drop its gradients (those already sent elsewhere too); weights and state stay."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def held_state_tensors(self) -> list[Tensor]:
+        """The state tensors this rank holds itself, as local shards (none of what an optimizer store keeps)."""
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
+        """This optimizer's entries of the checkpoint's DCP state dict (resharded on load); may be empty."""
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore from the DCP state dict `checkpoint_state` was filled into and loaded."""
+
+
 def local_shard(t: Tensor) -> Tensor:
     """This rank's part of a (possibly distributed) tensor, as a plain tensor sharing its storage."""
     return t._local_tensor if isinstance(t, DTensor) else t
@@ -56,6 +90,30 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LocalAdamW(torch.optim.AdamW):
+    """torch's AdamW, all of its state on this rank: DCP saves it with the model and reshards it on load."""
+
+    per_rank_state = False
+
+    def stream_gradients(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the gradients stay here until the step
+
+    def step_clipped(self, grad_norm: Tensor, max_norm: float) -> None:  # noqa: ARG002 - the protocol's
+        self.step()  # torch's clip_grad_norm_ has already scaled the gradients it steps on
+
+    def discard_gradients(self) -> None:
+        self.zero_grad(set_to_none=True)
+
+    def held_state_tensors(self) -> list[Tensor]:
+        return [local_shard(v) for state in self.state.values() for v in state.values() if isinstance(v, Tensor)]
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
+        return {"optimizer": get_optimizer_state_dict(model, self)}
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(model, self, state["optimizer"])
 
 
 @dataclass
@@ -71,8 +129,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
     Offloaded parameters are cut into buckets of about `bucket_elements`. Inside `stream_gradients()` (the
     backward that makes gradients final) a bucket's gradient is sent as soon as all of its parameters' gradients
     are final, while backward goes on with earlier layers. `step(grad_scale)` then sends the clipping factor and
-    the learning rates, and copies each bucket's updated parameters in as they come back.
+    the learning rates, and copies each bucket's updated parameters in as they come back. The offloaded state is
+    tied to this rank's shards, so checkpoints keep it per rank (rank_state), not in DCP.
     """
+
+    per_rank_state = True
 
     def __init__(self, groups: list[dict[str, Any]], store: OptimizerStore, *, lr: float, betas: tuple[float, float],
                  eps: float, fraction: float, bucket_elements: int = 2**22):
@@ -99,7 +160,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         kept = [(i, [p for p in g["params"] if id(p) not in offloaded]) for i, g in enumerate(self.param_groups)]
         kept = [(i, ps) for i, ps in kept if ps]
         self._kept_groups = [i for i, _ in kept]
-        self.kept = torch.optim.AdamW(
+        self.kept = LocalAdamW(
             [{"params": ps, "weight_decay": self.param_groups[i]["weight_decay"]} for i, ps in kept],
             lr=lr, betas=betas, eps=eps) if kept else None
         self.wire_dtype = params[0].dtype
@@ -166,10 +227,24 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 inner["lr"] = self.param_groups[outer]["lr"]
             self.kept.step()
 
+    def step_clipped(self, grad_norm: Tensor, max_norm: float) -> None:
+        # Gradients sent during backward were not clipped yet: the same factor, as torch computes it.
+        self.step(grad_scale=torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0))
+
     def discard_gradients(self) -> None:
         """Skip this step: the gradients already sent are dropped and neither masters nor moments change."""
         self.store.drop_gradients()
         self._sent.clear()
+        self.zero_grad(set_to_none=True)
+
+    def held_state_tensors(self) -> list[Tensor]:
+        return self.kept.held_state_tensors() if self.kept is not None else []
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:  # noqa: ARG002 - all of it is per rank
+        return {}
+
+    def load_checkpoint_state(self, model: nn.Module, state: dict[str, Any]) -> None:  # noqa: ARG002
+        """Nothing: rank_state holds all of it."""
 
     def _sizes(self) -> list[int]:
         return [sum(local_shard(p).numel() for p in bucket.params) for bucket in self.buckets]
@@ -189,27 +264,23 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self.kept.load_state_dict(state["kept"])
 
 
-def build_optimizer(cfg: LsysConfig, model: nn.Module, store: OptimizerStore | None) -> torch.optim.Optimizer:
+def build_optimizer(cfg: LsysConfig, model: nn.Module, store: OptimizerStore | None) -> TrainingOptimizer:
     t = cfg.train
     groups = parameter_groups(model, t.weight_decay)
     if cfg.optim.offload == "none":
         # foreach: for DTensor parameters (FSDP2, tensor parallelism) torch picks its per-parameter loop, one DTensor
         # dispatch per parameter per operation; the foreach path is one per operation (bench/demo_overhead.py: the
         # demo's optimizer step twice as cheap). The same update, bit for bit in float64.
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+        return LocalAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
     if store is None:
         raise ValueError("optim.offload=cpu keeps the optimizer state in Ray actors: run it with `lsys submit`")
     return OffloadedAdamW(groups, store, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fraction=cfg.optim.fraction)
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def state_bytes(model: nn.Module, optimizer: TrainingOptimizer) -> dict[str, int]:
     """Bytes this rank holds for training state: its parameter shards, as many for their gradients (same shapes
     and dtype), and the optimizer state it keeps itself (none of what an optimizer store holds)."""
     parameters = sum(local_shard(p).nbytes for p in model.parameters())
-    inner = optimizer.kept if isinstance(optimizer, OffloadedAdamW) else optimizer
-    kept = 0
-    if inner is not None:
-        kept = sum(local_shard(v).nbytes for state in inner.state.values() for v in state.values()
-                   if isinstance(v, Tensor))
-    return {"parameters": parameters, "gradients": parameters, "optimizer": kept}
+    held = sum(t.nbytes for t in optimizer.held_state_tensors())
+    return {"parameters": parameters, "gradients": parameters, "optimizer": held}
 

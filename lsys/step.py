@@ -18,10 +18,13 @@ from torch.distributed.tensor import DTensor
 from lsys.config import LsysConfig
 from lsys.data import Batch
 from lsys.model import logit_losses
-from lsys.optim import OffloadedAdamW
+from lsys.optim import TrainingOptimizer
 from parallel.data_parallel import gradient_sync
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A train.param_dtype or compute_dtype (one of lsys.config.DTYPES, each named as torch names it) -> the dtype."""
+    return getattr(torch, name)
 
 
 class StepProbe(Protocol):
@@ -34,7 +37,7 @@ class NoProbe:
 
 
 class StepWork:
-    def __init__(self, cfg: LsysConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, cfg: LsysConfig, model: nn.Module, optimizer: TrainingOptimizer, device: torch.device):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -46,7 +49,7 @@ class StepWork:
         if t.compute_dtype != t.param_dtype:
             # No cast cache: it would keep a low-precision copy of every layer's gathered weight until the forward
             # ends, whatever FSDP2 frees (16 GiB per rank for configs/gpu_8b_1m.yaml, found by `lsys plan`).
-            return torch.autocast(self.device.type, dtype=DTYPES[t.compute_dtype], cache_enabled=False)
+            return torch.autocast(self.device.type, dtype=torch_dtype(t.compute_dtype), cache_enabled=False)
         return contextlib.nullcontext()
 
     def token_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -73,10 +76,9 @@ class StepWork:
         """Forward and backward of every micro-batch (gradients synchronised on the last); returns the summed
         masked loss (fp64 scalar) of this rank. The loss is divided by the GLOBAL token count."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        offloaded = isinstance(self.optimizer, OffloadedAdamW)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            streaming = self.optimizer.stream_gradients() if offloaded and last else contextlib.nullcontext()
+            streaming = self.optimizer.stream_gradients() if last else contextlib.nullcontext()
             with gradient_sync(self.model, enabled=last), streaming:
                 with self.probe.phase("forward"):
                     losses = self.training_losses(batch)
@@ -99,18 +101,12 @@ class StepWork:
     def apply_update(self, grad_norm: Tensor) -> None:
         """Step the optimizer on the clipped gradients, then drop them."""
         with self.probe.phase("optimizer"):
-            if isinstance(self.optimizer, OffloadedAdamW):
-                # Gradients sent during backward were not clipped yet: the same factor, as torch computes it.
-                self.optimizer.step(grad_scale=torch.clamp(self._max_norm() / (grad_norm + 1e-6), max=1.0))
-            else:
-                self.optimizer.step()
+            self.optimizer.step_clipped(grad_norm, self._max_norm())
             self.optimizer.zero_grad(set_to_none=True)
 
     def discard_update(self) -> None:
         """Drop this step's gradients without touching the weights or the optimizer state (a non-finite step)."""
-        if isinstance(self.optimizer, OffloadedAdamW):
-            self.optimizer.discard_gradients()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.discard_gradients()
 
     def update(self) -> Tensor:
         """Clip, step, drop the gradients; returns the global gradient norm (a scalar tensor)."""

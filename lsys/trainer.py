@@ -29,7 +29,7 @@ from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, residen
 from lsys.model import build_model, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
-from lsys.step import DTYPES, StepWork
+from lsys.step import StepWork, torch_dtype
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
 
@@ -127,7 +127,7 @@ class Trainer:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the task's vocabulary {self.task.vocab_size};"
                              " raise it or use 0 for automatic")
         self.model_cfg = replace(cfg.model, vocab_size=vocab)
-        self.model = build_model(self.model_cfg, self.device, DTYPES[cfg.train.param_dtype], cfg.train.seed)
+        self.model = build_model(self.model_cfg, self.device, torch_dtype(cfg.train.param_dtype), cfg.train.seed)
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
         self.optimizer = build_optimizer(cfg, self.model, optimizer_store)
         self.work = StepWork(cfg, self.model, self.optimizer, self.device)

@@ -28,7 +28,7 @@ from lsys.memory.profile import full_length
 from lsys.memory.tracker import MemoryTracker, MemoryUsage
 from lsys.model import Transformer
 from lsys.optim import build_optimizer
-from lsys.step import DTYPES, StepWork
+from lsys.step import StepWork, torch_dtype
 from lsys.trainer import shard_batch, task_options
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
@@ -130,7 +130,7 @@ def trace_rank(cfg: LsysConfig, world_size: int) -> MemoryUsage:
     with fake_world(world_size):
         mesh = build_mesh(cfg.parallel, CPU.type)
         fake = FakeTensorMode(allow_non_fake_inputs=True)  # the mesh's rank tables stay real
-        with fake, _default_dtype(DTYPES[cfg.train.param_dtype]):  # a fake model cannot be converted afterwards
+        with fake, _default_dtype(torch_dtype(cfg.train.param_dtype)):  # a fake model cannot be converted afterwards
             model = Transformer(model_cfg)
         parallelize(model, cfg.parallel, mesh, cfg.recompute, cfg.quant)  # builds sub-meshes: outside fake mode
         with fake:

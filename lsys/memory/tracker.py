@@ -14,7 +14,7 @@ tracker works on real tensors (the profiler) and on fake ones, which own no memo
 - gathered_params: full parameters FSDP2 gathers for a block (it grows and frees their storage in place, which
   no operator shows, so `UntypedStorage.resize_` is watched while tracking);
 - grads: a gradient once it is final (post-accumulate-grad hook), for its whole life;
-- optimizer: the optimizer's state tensors (Adam moments, step counts);
+- optimizer: the optimizer's state tensors this rank holds (Adam moments, step counts; not a store's);
 - activations: born in a forward and still alive when that forward ends: what backward keeps, whatever keeps it
   (autograd, a checkpoint's inputs, a selective-recompute cache, int8 payloads), by layer;
 - temporaries: everything else (workspaces, communication buffers, recomputed activations, unsharded gradients).
@@ -43,7 +43,7 @@ from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from lsys.optim import OffloadedAdamW, local_shard
+from lsys.optim import TrainingOptimizer, local_shard
 from parallel.activations import OUTSIDE, split_path
 
 CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
@@ -83,16 +83,8 @@ class MemoryUsage:
                 "timeline": self.timeline, "phases": self.phases}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The state tensors this rank's optimizer holds itself (none of what an optimizer store keeps elsewhere)."""
-    inner = optimizer.kept if isinstance(optimizer, OffloadedAdamW) else optimizer
-    if inner is None:
-        return []
-    return [local_shard(v) for state in inner.state.values() for v in state.values() if isinstance(v, Tensor)]
-
-
 class MemoryTracker(TorchDispatchMode):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, fake_mode: FakeTensorMode | None = None):
+    def __init__(self, model: nn.Module, optimizer: TrainingOptimizer, fake_mode: FakeTensorMode | None = None):
         """`fake_mode`: the mode whose fake tensors stand for memory (planning); None on real tensors."""
         super().__init__()
         self.model, self.optimizer, self.fake_mode = model, optimizer, fake_mode
@@ -234,7 +226,7 @@ class MemoryTracker(TorchDispatchMode):
                     stored += record.nbytes
             self._stored_max = max(self._stored_max, stored)
         if name == "optimizer":
-            for tensor in optimizer_tensors(self.optimizer):
+            for tensor in self.optimizer.held_state_tensors():
                 self._see(tensor, "optimizer")
         self._phases.append({"step": self._step, "phase": name, "start": self._phase_start, "end": self._clock})
         self._phase = "between"
@@ -261,7 +253,7 @@ class MemoryTracker(TorchDispatchMode):
             self._handles.append(param.register_post_accumulate_grad_hook(self._final_grad))
         for buffer in self.model.buffers():
             self._see(buffer, "params")
-        for tensor in optimizer_tensors(self.optimizer):
+        for tensor in self.optimizer.held_state_tensors():
             self._see(tensor, "optimizer")
         for name, module in self.model.named_modules():
             path = name or OUTSIDE

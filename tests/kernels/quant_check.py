@@ -17,7 +17,8 @@ import triton.language as tl
 
 import kernels.triton_quant as triton_quant
 from kernels import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
-from kernels.quant import stream_key, torch_dequantize_int8, torch_quantize_int8, uniform_from_index
+from kernels.quant import torch_dequantize_int8, torch_quantize_int8
+from kernels.quant_common import stream_key, uniform_from_index
 from kernels.triton_quant import triton_dequantize_int8, triton_quantize_int8
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

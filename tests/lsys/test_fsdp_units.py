@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -35,7 +33,11 @@ def test_fsdp_units_train_exactly_like_one_rank(tmp_path, one_rank, overrides):
 def _per_parameter_adamw(values):
     import lsys.optim
 
-    lsys.optim.torch.optim.AdamW = functools.partial(torch.optim.AdamW, foreach=False)
+    class LoopAdamW(lsys.optim.LocalAdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "foreach": False})  # over build_optimizer's foreach=True
+
+    lsys.optim.LocalAdamW = LoopAdamW  # in this rank's process only
     return losses_and_grads(values)
 
 
