@@ -13,7 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
+from parallel.config import MIN_SEQ_LEN, ParallelConfig, QuantConfig, RecomputeConfig, check_model_split
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -312,23 +312,19 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
         _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be a positive integer")
     _require(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "use 0 (the task's vocabulary) or a positive size")
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "use 0 (automatic) or a positive size")
-    _require(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
-             f"must be divisible by model.num_heads={m.num_heads}")
-    head_dim = m.hidden_size // m.num_heads
-    _require(head_dim % 2 == 0, "model.hidden_size", m.hidden_size,
-             f"head dimension hidden_size/num_heads={head_dim} must be even for RoPE")
-    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
-             f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
+    p.validate()
+    check_model_split(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                      ffn_hidden_size=ffn_hidden_size(m), cp_ulysses=p.cp_ulysses, tp=p.tp)
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive (RMSNorm divides by sqrt(mean + eps)), "
              "e.g. 1e-5")
 
     _require(d.task in TASKS, "data.task", d.task, f"choose one of {', '.join(TASKS)}")
-    _require(d.seq_len >= 8, "data.seq_len", d.seq_len, "must be at least 8")
+    _require(d.seq_len >= MIN_SEQ_LEN, "data.seq_len", d.seq_len, f"must be at least {MIN_SEQ_LEN}")
     if d.curriculum.start_len:
-        _require(8 <= d.curriculum.start_len <= d.seq_len, "data.curriculum.start_len", d.curriculum.start_len,
-                 f"use 0 (off) or a length in [8, data.seq_len={d.seq_len}]")
+        _require(MIN_SEQ_LEN <= d.curriculum.start_len <= d.seq_len, "data.curriculum.start_len",
+                 d.curriculum.start_len, f"use 0 (off) or a length in [{MIN_SEQ_LEN}, data.seq_len={d.seq_len}]")
         _require(d.curriculum.steps > 0, "data.curriculum.steps", d.curriculum.steps,
                  "give the number of steps over which the length grows to data.seq_len")
     _require(d.curriculum.steps >= 0, "data.curriculum.steps", d.curriculum.steps, "must be non-negative")
@@ -382,21 +378,16 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
 
     _validate_optim(cfg.optim)
     _validate_cluster(cfg.cluster)
-    p.validate()
     cfg.recompute.validate()
     cfg.quant.validate()
-    if p.tp > 1:
-        p.check_tensor_parallel(m.num_heads, m.num_kv_heads, ffn_hidden_size(m))
-        _require(not m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
-                 "tensor parallelism shards the embedding and the output head separately; set it to false")
-    chunks = p.seq_chunks
-    _require(d.seq_len % chunks == 0, "data.seq_len", d.seq_len,
-             f"must be divisible by {chunks} (cp_ring={p.cp_ring} x cp_ulysses={p.cp_ulysses} x tp={p.tp}"
-             f"{' x 2 zigzag chunks' if p.cp_layout == 'zigzag' and p.cp_ring > 1 else ''}); "
-             f"pick a multiple of {chunks}")
-    _require(m.num_heads % (p.cp_ulysses * p.tp) == 0, "parallel.cp_ulysses", p.cp_ulysses,
-             f"times parallel.tp={p.tp} must divide model.num_heads={m.num_heads}: Ulysses gives each rank whole "
-             "heads of the ones tensor parallelism left it")
+    _require(p.tp == 1 or not m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
+             "tensor parallelism shards the embedding and the output head separately; set it to false")
+    multiple = p.seq_multiple
+    below = d.seq_len // multiple * multiple
+    _require(d.seq_len % multiple == 0, "data.seq_len", d.seq_len,
+             f"must be divisible by {multiple} to be sharded over parallel.cp_ring={p.cp_ring} x "
+             f"cp_ulysses={p.cp_ulysses} x tp={p.tp} with cp_layout={p.cp_layout}; pick a multiple of {multiple}, "
+             f"e.g. {below + multiple}" + (f" or {below}" if below >= MIN_SEQ_LEN else ""))
     if world_size is not None:
         validate_for_world(cfg, world_size)
 

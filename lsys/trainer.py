@@ -134,7 +134,7 @@ class Trainer:
         local_batch = cfg.train.global_batch_size // self.mesh.dp_size
         self.local_batch = local_batch
         self.micro_batch = cfg.train.micro_batch_size or local_batch
-        self.granularity = math.lcm(8, cfg.parallel.seq_chunks)
+        self.granularity = cfg.parallel.seq_granularity
         self.run_dir = Path(cfg.train.run_dir)
         self._short_tasks: dict[int, Task] = {}
         self.ckpt_root = checkpoint_root(self.run_dir)

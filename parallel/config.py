@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 CP_LAYOUTS = ("zigzag", "contiguous")
+# The shortest sequence a run trains on (data.seq_len, data.curriculum.start_len). Lengths the trainer's curriculum
+# and the budget search choose are multiples of it (sequence_granularity), so each one is itself a valid length.
+MIN_SEQ_LEN = 8
 RECOMPUTE_MODES = ("none", "selective", "full")
 QUANT_MODES = ("none", "int8")
 QUANT_KINDS = ("attention", "linear", "elementwise", "norm")
@@ -36,10 +40,14 @@ class ParallelConfig:
         return self.cp_ring * self.cp_ulysses
 
     @property
-    def seq_chunks(self) -> int:
-        """Sequence lengths must be multiples of this: zigzag cuts the ring axis into 2 x cp_ring chunks, each
-        ring shard is cut again over the Ulysses ranks, and sequence parallelism cuts a rank's part over tp."""
-        return self.cp * self.tp * (2 if self.cp_layout == "zigzag" and self.cp_ring > 1 else 1)
+    def seq_multiple(self) -> int:
+        """Sequence lengths must be multiples of this (`sequence_multiple` of these degrees and layout)."""
+        return sequence_multiple(self.cp_ring, self.cp_ulysses, self.tp, self.cp_layout)
+
+    @property
+    def seq_granularity(self) -> int:
+        """Lengths chosen for training (curriculum, budget search) are multiples of this (`sequence_granularity`)."""
+        return sequence_granularity(self.cp_ring, self.cp_ulysses, self.tp, self.cp_layout)
 
     def resolved_dp(self, world_size: int) -> int:
         """The data-parallel degree for `world_size`, raising ValueError when the degrees cannot tile it."""
@@ -59,16 +67,6 @@ class ParallelConfig:
             )
         return self.dp
 
-    def check_tensor_parallel(self, num_heads: int, num_kv_heads: int, ffn_hidden: int) -> None:
-        """Raises ValueError when the model cannot be split over `tp` ranks (each rank gets whole heads)."""
-        for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if value % self.tp:
-                raise ValueError(f"parallel.tp={self.tp}: must divide model.{key}={value}, since tensor parallelism "
-                                 "gives each rank whole heads; pick a degree that divides both head counts")
-        if ffn_hidden % self.tp:
-            raise ValueError(f"parallel.tp={self.tp}: must divide the feed-forward width {ffn_hidden} "
-                             "(model.ffn_hidden_size); pick a degree that divides it")
-
     def validate(self) -> None:
         for key in ("cp_ring", "cp_ulysses", "tp"):
             value = getattr(self, key)
@@ -81,6 +79,50 @@ class ParallelConfig:
         if self.fsdp_unit_params < 0:
             raise ValueError(f"parallel.fsdp_unit_params={self.fsdp_unit_params}: use 0 for one FSDP2 unit per "
                              "block, or the fewest parameters a unit of consecutive blocks holds")
+
+
+def sequence_multiple(cp_ring: int, cp_ulysses: int, tp: int = 1, layout: str = "zigzag") -> int:
+    """What every sequence length must be a multiple of to be sharded over these degrees and `layout` (one of
+    CP_LAYOUTS). Zigzag cuts the ring axis into 2 x cp_ring chunks (contiguous: cp_ring) and each ring rank's part
+    is cut again into cp_ulysses parts, so the length must divide both ways; sequence parallelism then cuts every
+    one of those parts into tp pieces."""
+    ring_chunks = 2 * cp_ring if layout == "zigzag" and cp_ring > 1 else cp_ring
+    return math.lcm(ring_chunks, cp_ring * cp_ulysses) * tp
+
+
+def sequence_granularity(cp_ring: int, cp_ulysses: int, tp: int = 1, layout: str = "zigzag") -> int:
+    """Training lengths the run chooses itself are multiples of this: every positive multiple can be sharded
+    (`sequence_multiple`) and is at least MIN_SEQ_LEN."""
+    return math.lcm(MIN_SEQ_LEN, sequence_multiple(cp_ring, cp_ulysses, tp, layout))
+
+
+def check_model_split(*, hidden_size: int, num_heads: int, num_kv_heads: int, ffn_hidden_size: int,
+                      cp_ulysses: int = 1, tp: int = 1) -> None:
+    """Raises ValueError naming the config key, the value and the fix when the model's widths cannot be split
+    over these degrees (positive numbers): every head dimension must be even for RoPE, grouped-query attention
+    shares each KV head among whole query heads, tensor parallelism gives each rank whole query and KV heads
+    and a slice of the feed-forward width, and Ulysses gives each rank whole heads of the ones tp left it."""
+    if hidden_size % num_heads:
+        raise ValueError(f"model.hidden_size={hidden_size}: must be divisible by model.num_heads={num_heads} "
+                         "(hidden_size / num_heads is the head dimension); pick a multiple of the head count")
+    head_dim = hidden_size // num_heads
+    if head_dim % 2:
+        raise ValueError(f"model.hidden_size={hidden_size}: head dimension hidden_size/num_heads={head_dim} must be "
+                         f"even for RoPE; pick a multiple of 2 x model.num_heads={2 * num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"model.num_kv_heads={num_kv_heads}: must divide model.num_heads={num_heads} "
+                         "(grouped-query attention)")
+    for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if value % tp:
+            raise ValueError(f"parallel.tp={tp}: must divide model.{key}={value}, since tensor parallelism gives "
+                             "each rank whole heads; pick a degree that divides both head counts")
+    if ffn_hidden_size % tp:
+        raise ValueError(f"parallel.tp={tp}: must divide the feed-forward width {ffn_hidden_size} "
+                         "(model.ffn_hidden_size); pick a degree that divides it")
+    if num_heads % (cp_ulysses * tp):
+        raise ValueError(f"parallel.cp_ulysses={cp_ulysses}: times parallel.tp={tp} must divide "
+                         f"model.num_heads={num_heads}: Ulysses gives each rank whole heads of the ones tensor "
+                         "parallelism left it; pick degrees whose product divides the head count")
 
 
 @dataclass

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from lsys.config import TASKS
 from lsys.data.mqar import MqarTask
 from lsys.data.passkey import PasskeyTask
 from lsys.data.prepare import prepare_text_dataset
 from lsys.data.task import METRICS, SPLITS, Batch, EvalTotals, Task, check_int
 from lsys.data.tokenizer import load_tokenizer
 from lsys.data.verify import check_text_dataset, check_text_inputs
-
-TASKS = ("passkey", "mqar", "text")
 
 __all__ = ["METRICS", "SPLITS", "TASKS", "Batch", "EvalTotals", "Task", "build_task", "check_text_dataset",
            "check_text_inputs", "load_tokenizer", "prepare_text_dataset"]

@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
-from lsys.config import LsysConfig, validate
+from lsys.config import LsysConfig, ffn_hidden_size, validate
 from lsys.memory.analytic import analytic_estimate
 from lsys.memory.trace import trace_rank
-from parallel.config import ParallelConfig
+from parallel.config import check_model_split
 
 RECOMPUTE_COST = {"none": 0, "selective": 1, "full": 2}  # extra compute, for ordering equally long candidates
 GIB = 1024**3
@@ -51,11 +52,14 @@ def _divisors(n: int) -> list[int]:
 def layouts(cfg: LsysConfig, world_size: int) -> list[LsysConfig]:
     """Every valid (degrees, recompute, quant) variant of `cfg` on `world_size` ranks (sequence length unset)."""
     m, found = cfg.model, []
+    widths = {"hidden_size": m.hidden_size, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
+              "ffn_hidden_size": ffn_hidden_size(m)}
     for tp in _divisors(world_size):
         for ulysses in _divisors(world_size // tp):
             for ring in _divisors(world_size // (tp * ulysses)):
                 dp = world_size // (tp * ulysses * ring)
-                if cfg.train.global_batch_size % dp or m.num_heads % (tp * ulysses) or m.num_kv_heads % tp:
+                splits = _accepts(check_model_split, **widths, cp_ulysses=ulysses, tp=tp)
+                if cfg.train.global_batch_size % dp or not splits:
                     continue
                 parallel = replace(cfg.parallel, dp=dp, cp_ring=ring, cp_ulysses=ulysses, tp=tp)
                 for mode in RECOMPUTE_COST:
@@ -64,11 +68,6 @@ def layouts(cfg: LsysConfig, world_size: int) -> list[LsysConfig]:
                         found.append(replace(cfg, parallel=parallel, recompute=replace(cfg.recompute, mode=mode),
                                              quant=replace(cfg.quant, activations=quant)))
     return found
-
-
-def granularity(parallel: ParallelConfig) -> int:
-    """Sequence lengths a layout accepts are multiples of this (as the trainer rounds them)."""
-    return math.lcm(8, parallel.seq_chunks)
 
 
 def with_seq_len(cfg: LsysConfig, seq_len: int) -> LsysConfig:
@@ -80,7 +79,7 @@ def _longest(intercept: float, slope: float, budget: int, step: int) -> int:
 
 
 def _analytic_longest(cfg: LsysConfig, world_size: int, vocab: int, budget: int) -> int:
-    step = granularity(cfg.parallel)
+    step = cfg.parallel.seq_granularity
     # Two lengths past the loss chunk (beyond it the chunked loss no longer grows): the estimate is a line there.
     near = step * math.ceil(max(2 * cfg.train.loss_chunk_tokens * cfg.parallel.cp, step) / step)
     low = analytic_estimate(with_seq_len(cfg, near), world_size, vocab).total
@@ -88,9 +87,10 @@ def _analytic_longest(cfg: LsysConfig, world_size: int, vocab: int, budget: int)
     return _longest(low - slope * near, slope, budget, step)
 
 
-def _fits(cfg: LsysConfig, world_size: int) -> bool:
+def _accepts(check: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
+    """Whether `check(*args, **kwargs)` passes; the search only needs to know, not why."""
     try:
-        validate(cfg, world_size)
+        check(*args, **kwargs)
     except ValueError:
         return False
     return True
@@ -103,7 +103,7 @@ def search(cfg: LsysConfig, world_size: int, budget_bytes: int, vocab: int, top:
     ranked, variants = [], layouts(cfg, world_size)
     for variant in variants:
         longest = _analytic_longest(variant, world_size, vocab, budget_bytes)
-        if longest and _fits(with_seq_len(variant, longest), world_size):
+        if longest and _accepts(validate, with_seq_len(variant, longest), world_size):
             ranked.append(Candidate(variant, longest))
     if not ranked:
         smallest = min((analytic_estimate(with_seq_len(v, 0), world_size, vocab).total for v in variants), default=0)
@@ -139,7 +139,7 @@ def _preference(candidate: Candidate) -> tuple:
 def _trace_line(candidate: Candidate, world_size: int, budget: int, progress: Callable[[str], None],
                 label: str) -> None:
     """Trace at the analytic length and half of it; the line through both gives the traced longest sequence."""
-    step = granularity(candidate.cfg.parallel)
+    step = candidate.cfg.parallel.seq_granularity
     far = max(2 * step, candidate.analytic_seq_len)
     near = max(step, far // 2 // step * step)
     progress(f"tracing candidate {label} at {near:,} and {far:,} tokens")
@@ -152,7 +152,7 @@ def _trace_line(candidate: Candidate, world_size: int, budget: int, progress: Ca
 
 def _confirm(candidate: Candidate, world_size: int, budget: int, progress: Callable[[str], None]) -> None:
     """Trace the winner at its length; step down while it does not fit (the line is exact up to rounding)."""
-    step = granularity(candidate.cfg.parallel)
+    step = candidate.cfg.parallel.seq_granularity
     for _ in range(CONFIRM_ATTEMPTS):
         if candidate.traced_seq_len < step:
             return

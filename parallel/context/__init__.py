@@ -6,7 +6,7 @@ same groups and layout.
 
 from parallel.context.api import attention, check_attention_inputs
 from parallel.context.layout import (
-    LAYOUTS,
+    CP_LAYOUTS,
     check_groups,
     check_layout,
     check_sequence,
@@ -19,7 +19,7 @@ from parallel.context.ring import ring_attention
 from parallel.context.ulysses import check_ulysses_heads, heads_to_seq, seq_to_heads, ulysses_kv_heads
 
 __all__ = [
-    "LAYOUTS",
+    "CP_LAYOUTS",
     "attention",
     "check_attention_inputs",
     "check_groups",

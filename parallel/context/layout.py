@@ -17,21 +17,19 @@ global values (RoPE needs them).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-LAYOUTS = ("zigzag", "contiguous")
+from parallel.config import CP_LAYOUTS, sequence_multiple
 
 Group = dist.ProcessGroup | None
 
 
 def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
+    if layout not in CP_LAYOUTS:
         raise ValueError(
-            f"layout={layout!r} is not a context-parallel layout; use one of {', '.join(LAYOUTS)}"
+            f"layout={layout!r} is not a context-parallel layout; use one of {', '.join(CP_LAYOUTS)}"
         )
 
 
@@ -59,8 +57,7 @@ def check_groups(ring_group: Group, ulysses_group: Group) -> None:
 
 def check_sequence(seq_len: int, ring_size: int, ulysses_size: int, layout: str) -> None:
     check_layout(layout)
-    ring_chunks = 2 * ring_size if layout == "zigzag" and ring_size > 1 else ring_size
-    need = math.lcm(ring_chunks, ring_size * ulysses_size)
+    need = sequence_multiple(ring_size, ulysses_size, layout=layout)
     if seq_len % need != 0:
         raise ValueError(
             f"sequence length {seq_len} cannot be sharded with layout={layout!r} over ring size {ring_size} "

@@ -67,6 +67,7 @@ BAD = [
     (["train.steps=many"], "'train.steps'"),
     (["trainsteps"], "not key=value"),
     (["parallel.cp_ring=2", "data.seq_len=30"], "data.seq_len=30: must be divisible by 4"),
+    (["parallel.cp_ring=2", "parallel.cp_ulysses=2", "data.seq_len=18"], "pick a multiple of 4, e.g. 20 or 16"),
     (["parallel.cp_ulysses=3", "data.seq_len=300"], "cp_ulysses=3: times parallel.tp=1 must divide model.num_heads=4"),
     (["recompute.mode=some"], "recompute.mode='some': choose one of none, selective, full"),
     (["recompute.every=0"], "recompute.every=0"),
@@ -93,6 +94,12 @@ def test_bad_config_is_rejected_with_key_value_and_fix(overrides, message):
     with pytest.raises(ValueError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+def test_hybrid_length_is_accepted_when_the_layout_can_shard_it():
+    # Zigzag over 2 ring ranks cuts 4 chunks, and each rank's 2 chunks split over 2 Ulysses ranks: 4 divides 20.
+    cfg = load_config(None, ["parallel.cp_ring=2", "parallel.cp_ulysses=2", "data.seq_len=20"])
+    assert cfg.parallel.seq_multiple == 4 and cfg.parallel.seq_granularity == 8
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel.config import MIN_SEQ_LEN, sequence_granularity, sequence_multiple
 from parallel.context import (
     attention,
     check_attention_inputs,
@@ -73,6 +74,25 @@ def test_indivisible_sequence_names_the_fix():
     with pytest.raises(ValueError, match="multiple of 8"):
         shard_indices(20, ring_size=2, ulysses_size=4)
     check_sequence(12, 1, 4, "zigzag")
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_the_config_rule_is_the_smallest_length_the_layout_shards(layout):
+    for ring in range(1, 5):
+        for ulysses in range(1, 5):
+            multiple = sequence_multiple(ring, ulysses, layout=layout)
+            accepted = []
+            for seq_len in range(1, 3 * multiple + 1):
+                try:
+                    check_sequence(seq_len, ring, ulysses, layout)
+                    accepted.append(seq_len)
+                except ValueError:
+                    pass
+            assert accepted == [multiple, 2 * multiple, 3 * multiple]
+            # Sequence parallelism cuts every part again; training lengths are also at least MIN_SEQ_LEN.
+            assert sequence_multiple(ring, ulysses, 3, layout) == 3 * multiple
+            granularity = sequence_granularity(ring, ulysses, 1, layout)
+            assert granularity % multiple == 0 and granularity % MIN_SEQ_LEN == 0
 
 
 def test_unknown_layout_is_rejected():
