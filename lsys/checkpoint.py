@@ -32,7 +32,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -48,6 +47,7 @@ from lsys.checkpoint_verify import (
     write_manifest,
 )
 from lsys.optim import TrainingOptimizer
+from parallel._compat import set_element
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:

@@ -81,8 +81,13 @@ class TrainingOptimizer(Protocol):
 
 
 def local_shard(t: Tensor) -> Tensor:
-    """This rank's part of a (possibly distributed) tensor, as a plain tensor sharing its storage."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    """This rank's part of a (possibly distributed) tensor, as a plain tensor sharing its storage. Read without
+    grad: with it, `to_local()` would record an autograd node, and no caller differentiates through the shard
+    (they count it, copy into it, or look at its storage)."""
+    if not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

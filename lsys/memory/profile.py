@@ -22,6 +22,7 @@ from lsys.config import LsysConfig, config_from_dict, validate_for_world
 from lsys.memory.tracker import MemoryTracker
 from lsys.session import distributed_session
 from lsys.trainer import Trainer
+from parallel._compat import cuda_memory_history
 
 SNAPSHOT_ENTRIES = 200_000  # allocation events the CUDA memory history keeps
 
@@ -34,12 +35,8 @@ def full_length(cfg: LsysConfig) -> LsysConfig:
 @contextlib.contextmanager
 def _cuda_allocator(found: dict[str, Any], device: torch.device, snapshot: Path) -> Iterator[None]:
     torch.cuda.reset_peak_memory_stats(device)
-    torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES)
-    try:
+    with cuda_memory_history(str(snapshot), SNAPSHOT_ENTRIES):
         yield
-    finally:
-        torch.cuda.memory._dump_snapshot(str(snapshot))
-        torch.cuda.memory._record_memory_history(enabled=None)
     found["allocator_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     found["allocator_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(device)
     found["snapshot"] = snapshot.name

@@ -20,7 +20,6 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lsys.config import LsysConfig, validate
 from lsys.data import Batch, build_task
@@ -30,6 +29,7 @@ from lsys.model import Transformer
 from lsys.optim import build_optimizer
 from lsys.step import StepWork, torch_dtype
 from lsys.trainer import shard_batch, task_options
+from parallel._compat import FakeTensorMode
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
 

@@ -37,18 +37,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._sharding_prop import ShardingPropagator
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
 
 from lsys.optim import TrainingOptimizer, local_shard
+from parallel._compat import (
+    WAIT_TENSOR,
+    FakeTensor,
+    FakeTensorMode,
+    TorchDispatchMode,
+    dtensor_shape_inference_inside,
+    is_traceable_wrapper_subclass,
+    operator_returns,
+    storage_resizes_reported,
+    tree_leaves,
+)
 from parallel.activations import OUTSIDE, split_path
 
 CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
 TIMELINE_POINTS = 600
-WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 
 
 class _Record:
@@ -97,7 +103,7 @@ class MemoryTracker(TorchDispatchMode):
         self._phases: list[dict] = []
         self._handles: list = []
         self._stored_max = 0
-        self._original_resize = self._original_inference = None
+        self._swaps: contextlib.ExitStack | None = None  # torch's methods swapped while tracking
         self._inferring_shapes = 0
         self._start_clock = self._end_clock = 0
 
@@ -243,8 +249,16 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- entering and leaving ---------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _inferring(self) -> Iterator[None]:
+        self._inferring_shapes += 1
+        try:
+            yield
+        finally:
+            self._inferring_shapes -= 1
+
     def __enter__(self):
-        if self._original_resize is not None:
+        if self._swaps is not None:
             raise RuntimeError("a MemoryTracker is entered once")
         for param in self.model.parameters():
             self._see(param, "params")
@@ -260,32 +274,17 @@ class MemoryTracker(TorchDispatchMode):
             self._handles.append(module.register_forward_pre_hook(lambda *_, p=path: self._enter_module(p)))
             self._handles.append(module.register_forward_hook(lambda *_: self._leave_module(), always_call=True))
         self._start_clock = self._clock
-        original = self._original_resize = torch.UntypedStorage.resize_
-
-        def resize_(storage: torch.UntypedStorage, size: int):
-            result = original(storage, size)
-            self._resized(storage)
-            return result
-
-        torch.UntypedStorage.resize_ = resize_
-        original_inference = self._original_inference = ShardingPropagator._propagate_tensor_meta_non_cached
-
-        def infer_shapes(propagator: ShardingPropagator, op_schema):
-            self._inferring_shapes += 1
-            try:
-                return original_inference(propagator, op_schema)
-            finally:
-                self._inferring_shapes -= 1
-
-        ShardingPropagator._propagate_tensor_meta_non_cached = infer_shapes
+        with contextlib.ExitStack() as swaps:
+            swaps.enter_context(storage_resizes_reported(self._resized))
+            swaps.enter_context(dtensor_shape_inference_inside(self._inferring))
+            self._swaps = swaps.pop_all()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            torch.UntypedStorage.resize_ = self._original_resize
-            ShardingPropagator._propagate_tensor_meta_non_cached = self._original_inference
+            self._swaps.close()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
@@ -335,7 +334,7 @@ class MemoryTracker(TorchDispatchMode):
 @functools.cache
 def _returns_alias(func) -> bool:
     """Whether every output of the operator aliases an input (views, in-place and out= variants)."""
-    returns = func._schema.returns
+    returns = operator_returns(func)
     return bool(returns) and all(r.alias_info is not None for r in returns)
 
 
