@@ -33,6 +33,8 @@ from pathlib import Path
 
 import psutil
 
+from launch._ray_compat import gpus_on_this_machine, job_agent_check
+
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120.0
 # Ray's longest Unix socket path below RAY_TMPDIR: a session of a 7-digit pid, and a socket name of up to 20 bytes
@@ -199,12 +201,6 @@ def _private_directory(path: Path) -> Path:
     return path
 
 
-def gpus_on_this_machine() -> int:
-    from ray._private.accelerators import NvidiaGPUAcceleratorManager
-
-    return NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
-
-
 def _node_args(index: int, cpus: int, gpus: int) -> dict:
     """Node `index` (0: the head) carries the resource lsys_node_<index> and the label lsys-node=<index>, so a
     job can aim workers or optimizer state at a given node (cluster.resources_per_worker, optim.placement)."""
@@ -216,18 +212,14 @@ def _node_args(index: int, cpus: int, gpus: int) -> dict:
 def _wait_for_jobs_api(url: str, gcs_address: str, head_node_id: str) -> None:
     """Until the Jobs API answers AND the head's job agent has registered: the dashboard answers first, and a job
     submitted before the agent is known fails ("No available agent") or has its connection dropped."""
-    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
-    from ray._raylet import GcsClient
-    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
     from ray.job_submission import JobSubmissionClient
 
-    gcs = GcsClient(address=gcs_address)
-    agent_key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_node_id}".encode()
+    agent_registered = job_agent_check(gcs_address, head_node_id)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         try:
             JobSubmissionClient(url).list_jobs()
-            if gcs.internal_kv_get(agent_key, namespace=KV_NAMESPACE_DASHBOARD, timeout=5):
+            if agent_registered(5):
                 return
         except Exception:  # the dashboard answers with various errors while it starts
             if time.monotonic() > deadline:

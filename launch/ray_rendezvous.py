@@ -19,14 +19,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import ray
-
-# Besides the public TorchConfig, private parts of Ray Train (tested with ray 2.60.0): the backend TorchConfig
-# selects, and the helper that exports RANK/WORLD_SIZE/LOCAL_RANK to the workers, which Ray's own on_start calls
-# before the rendezvous (for a v1 worker group it does so in on_training_start, which this backend inherits).
-from ray.train._internal.worker_group import WorkerGroup as _V1WorkerGroup
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
+# Besides the public TorchConfig, private parts of Ray Train, fenced in launch/_ray_compat.py.
+from launch._ray_compat import TorchBackend, V1WorkerGroup, set_torch_distributed_env_vars
 from lsys.session import join_file_store_group
 
 
@@ -42,16 +38,17 @@ class FileStoreTorchConfig(TorchConfig):
         return _FileStoreTorchBackend
 
 
-class _FileStoreTorchBackend(_TorchBackend):
-    """_TorchBackend with its process-group setup replaced; its shutdown (destroying the group) is kept. Runs in the
-    Ray Train controller, which starts and stops one worker group at a time."""
+class _FileStoreTorchBackend(TorchBackend):
+    """Ray Train's torch backend with its process-group setup replaced; its shutdown (destroying the group) is
+    kept. Runs in the Ray Train controller, which starts and stops one worker group at a time."""
 
     def on_start(self, worker_group, backend_config: FileStoreTorchConfig) -> None:
         # Private to this user: the store's keys are the group's business only.
         os.makedirs(backend_config.store_dir, mode=0o700, exist_ok=True)
         self._store_file = os.path.join(backend_config.store_dir, uuid.uuid4().hex)
-        if not isinstance(worker_group, _V1WorkerGroup):
-            worker_group.execute(_set_torch_distributed_env_vars)
+        # A v1 worker group exports RANK/WORLD_SIZE/LOCAL_RANK in on_training_start, which this backend inherits.
+        if not isinstance(worker_group, V1WorkerGroup):
+            worker_group.execute(set_torch_distributed_env_vars)
         world_size = len(worker_group)
         timeout = timedelta(seconds=backend_config.timeout_s)
         ray.get([worker_group.execute_single_async(rank, join_file_store_group, backend_config.backend,
