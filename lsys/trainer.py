@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
@@ -29,8 +28,9 @@ from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, residen
 from lsys.model import build_model, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
+from lsys.sharding import gather_sequence, shard_batch
 from lsys.step import StepWork, torch_dtype
-from parallel.mesh import MeshInfo, build_mesh
+from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
 
 
@@ -57,28 +57,6 @@ def sequence_length(cfg: LsysConfig, step: int, granularity: int) -> int:
 def task_options(cfg: LsysConfig) -> dict[str, Any]:
     section = getattr(cfg.data, cfg.data.task)
     return {k: v for k, v in to_dict(cfg)["data"][cfg.data.task].items() if hasattr(section, k)}
-
-
-def shard_batch(batch: Batch, mesh: MeshInfo, layout: str) -> Batch:
-    """Keep this rank's part of every sequence ([B, S] -> [B, S/cp]); positions stay global for RoPE."""
-    if mesh.cp_size == 1:
-        return batch
-    from parallel.context import shard
-
-    def part(x: Tensor) -> Tensor:
-        return shard(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
-
-    return replace(batch, tokens=part(batch.tokens), labels=part(batch.labels),
-                   loss_mask=part(batch.loss_mask), positions=part(batch.positions))
-
-
-def gather_sequence(x: Tensor, mesh: MeshInfo, layout: str) -> Tensor:
-    """Inverse of shard_batch for per-token results ([B, S/cp] -> [B, S] on every CP rank)."""
-    if mesh.cp_size == 1:
-        return x
-    from parallel.context import gather
-
-    return gather(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
 
 
 class NonFiniteGuard:

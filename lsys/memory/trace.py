@@ -28,8 +28,9 @@ from lsys.memory.profile import full_length
 from lsys.memory.tracker import MemoryTracker, MemoryUsage
 from lsys.model import Transformer
 from lsys.optim import build_optimizer
+from lsys.sharding import shard_batch
 from lsys.step import StepWork, torch_dtype
-from lsys.trainer import shard_batch, task_options
+from lsys.trainer import task_options
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
 
