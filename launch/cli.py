@@ -32,6 +32,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="kill all ranks if the run takes longer than this (default: no limit)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(handler=_train)
 
 
 def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,7 @@ def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", metavar="TOKENIZER_JSON", default=None,
                    help="a local HuggingFace tokenizer.json (default: byte-level, 256 bytes + end-of-document)")
     p.add_argument("--no-eod", action="store_true", help="do not append an end-of-document token to each document")
+    p.set_defaults(handler=_prepare_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +84,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             raise ValueError(f"optim.offload={cfg.optim.offload}: the optimizer state lives in Ray actors; run it "
                              "with `lsys submit` (or set optim.offload=none)")
     except ValueError as exc:
-        return _invalid(console, exc)
+        return exits.invalid_input(console, exc)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -92,7 +94,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         world = int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc
         preflight.check_run(cfg, world, local_ranks=1 if launched_elsewhere else args.nproc)
     except ValueError as exc:
-        return _invalid(console, exc)
+        return exits.invalid_input(console, exc)
     save_config(cfg, cfg.train.run_dir)
     if launched_elsewhere or args.nproc == 1:
         summary = train(cfg)
@@ -121,14 +123,9 @@ def _prepare_data(args: argparse.Namespace, console: Console) -> int:
     try:
         stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod)
     except (ValueError, FileNotFoundError) as exc:
-        return _invalid(console, exc)
+        return exits.invalid_input(console, exc)
     console.print(json.dumps(stats, indent=2))
     return 0
-
-
-def _invalid(console: Console, exc: Exception) -> int:
-    console.print(f"[bold red]lsys: invalid input:[/] {exc}", highlight=False)
-    return exits.INVALID_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,14 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if late_overrides:
         args.overrides = [*args.overrides, *late_overrides]
     console = Console(stderr=True, soft_wrap=True)  # errors stay one greppable line
-    if args.command in ("submit", "jobs", "cluster"):
-        return ray_cli.main_for(args.command)(args, console, _invalid)
-    if args.command == "profile":
-        return memory_cli.profile_command(args, console, _invalid)
-    if args.command == "plan":
-        return memory_cli.plan_command(args, console, _invalid)
-    handlers = {"train": _train, "prepare-data": _prepare_data}
-    return handlers[args.command](args, console)
+    return args.handler(args, console)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from launch import exits
-
-Invalid = Callable[[Console, Exception], int]
 
 
 def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
@@ -33,6 +30,7 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
                                                         "the optimizer state the first creates)")
     p.add_argument("--nproc", type=int, default=None, help="local ranks (default: cluster.num_workers)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="kill all ranks after this long")
+    p.set_defaults(handler=profile_command)
 
     p = sub.add_parser(
         "plan",
@@ -51,6 +49,7 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
                    help="memory per rank; search the layouts for the longest sequence that fits")
     p.add_argument("--top", type=int, default=3, help="candidates traced in the search (default 3)")
     p.add_argument("--out", default=None, metavar="DIR", help="also write DIR/plan.json and DIR/plan.png")
+    p.set_defaults(handler=plan_command)
 
 
 def _load(args: argparse.Namespace, ranks: int | None) -> tuple[Any, int]:
@@ -64,7 +63,7 @@ def _load(args: argparse.Namespace, ranks: int | None) -> tuple[Any, int]:
     return cfg, world
 
 
-def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid) -> int:
+def profile_command(args: argparse.Namespace, console: Console) -> int:
     from launch.local import RankFailedError, spawn
     from launch.preflight import check_inputs, check_run_dir
     from lsys.config import to_dict
@@ -81,7 +80,7 @@ def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid
         check_run_dir(args.out, key="--out")
         check_inputs(cfg, nproc, local_ranks=nproc)
     except ValueError as exc:
-        return invalid(console, exc)
+        return exits.invalid_input(console, exc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"lsys: profiling {args.steps} steps of {cfg.data.seq_len:,} tokens on {nproc} ranks",
@@ -104,7 +103,7 @@ def profile_command(args: argparse.Namespace, console: Console, invalid: Invalid
     return 0
 
 
-def plan_command(args: argparse.Namespace, console: Console, invalid: Invalid) -> int:
+def plan_command(args: argparse.Namespace, console: Console) -> int:
     from launch.preflight import check_run_dir
     from lsys.config import to_dict
     from lsys.memory.analytic import analytic_estimate
@@ -123,7 +122,7 @@ def plan_command(args: argparse.Namespace, console: Console, invalid: Invalid) -
             check_run_dir(args.out, key="--out")
         vocab = vocabulary_size(cfg)
     except ValueError as exc:
-        return invalid(console, exc)
+        return exits.invalid_input(console, exc)
     output = _wide_console()
     traced = {"rank": 0, **trace_rank(cfg, world).to_dict()}
     analytic = analytic_estimate(cfg, world, vocab)
@@ -139,7 +138,7 @@ def plan_command(args: argparse.Namespace, console: Console, invalid: Invalid) -
             found = search(cfg, world, budget, vocab, top=args.top,
                            progress=lambda text: console.print(f"lsys plan: {text}", highlight=False))
         except ValueError as exc:
-            return invalid(console, exc)
+            return exits.invalid_input(console, exc)
         output.print(_candidates(found, args.budget_gib))
         document["budget_bytes"] = budget
         document["candidates"] = [c.describe() for c in found]

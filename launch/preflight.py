@@ -104,16 +104,10 @@ def _device(cfg: LsysConfig) -> str:
 
 def _vocabulary(cfg: LsysConfig) -> int:
     """The model's vocabulary: model.vocab_size, checked against the task's, else the task's. A text dataset is
-    checked here (without megatron-core) and its vocabulary read from its metadata."""
-    if cfg.data.task == "text":
-        from lsys.data import check_text_inputs
+    checked here (without megatron-core) and its vocabulary read from its metadata (`Task.vocabulary`)."""
+    from lsys.data import task_vocabulary
 
-        task_vocab = check_text_inputs(cfg.data.text.path, cfg.data.text.cache_dir or None)[0]["vocab_size"]
-    else:
-        from lsys.data import build_task
-        from lsys.trainer import task_options
-
-        task_vocab = build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg)).vocab_size
+    task_vocab = task_vocabulary(cfg)
     if cfg.model.vocab_size and cfg.model.vocab_size < task_vocab:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} task's "
                          f"vocabulary {task_vocab}; raise it or use 0 for the task's")

@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from launch import exits
+
 IDLE_STOP_S = 60.0  # an embedded cluster started by a submit without --follow stops this long after its last job
 ADDRESS_HELP = ("Ray dashboard address of the cluster, e.g. http://HEAD:8265 (default: $RAY_ADDRESS, else the "
                 "embedded cluster on this machine)")
@@ -37,6 +39,7 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
     p.add_argument("--nodes", type=int, default=1,
                    help="nodes of the embedded cluster when this command starts it (default 1; more rehearse a "
                         "multi-node run on one machine)")
+    p.set_defaults(handler=submit_command)
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs",
                           description="Manage jobs submitted with `lsys submit`.")
@@ -53,6 +56,7 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
         action.add_argument("job_id", metavar="JOB_ID", help="the id `lsys submit` printed")
     for action in (listing, status, logs, stop):
         action.add_argument("--address", default=None, help=ADDRESS_HELP)
+    jobs.set_defaults(handler=jobs_command)
 
     cluster = sub.add_parser("cluster", help="start, inspect or stop the embedded Ray cluster on this machine",
                              description="The embedded cluster binds only to 127.0.0.1 and uses token auth. "
@@ -67,6 +71,7 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
                        help="stop once no job has been waiting or running for this long (default 0: never)")
     cactions.add_parser("status", help="whether it runs, and its addresses")
     cactions.add_parser("stop", help="archive its jobs and shut it down")
+    cluster.set_defaults(handler=cluster_command)
 
 
 def _embedded_env(home: Path) -> None:
@@ -106,7 +111,7 @@ def _absolute_paths(values: dict, remote: bool) -> None:
         section[field] = str(Path(section[field]).resolve())
 
 
-def submit(args: argparse.Namespace, console: Console, invalid) -> int:
+def submit_command(args: argparse.Namespace, console: Console) -> int:
     from launch import ray_jobs
     from launch.preflight import check_run
     from launch.ray_cluster import (
@@ -137,7 +142,7 @@ def submit(args: argparse.Namespace, console: Console, invalid) -> int:
             # Its workers run on this machine, on these files: the same checks as `lsys train`.
             check_run(cfg, k.num_workers, local_ranks=k.num_workers)
     except ValueError as exc:
-        return invalid(console, exc)
+        return exits.invalid_input(console, exc)
     if embedded:
         state = running_cluster(home)
         if state is None:
@@ -188,7 +193,7 @@ def _records(address: str | None, home: Path | None) -> tuple[list, set[str]]:
     return sorted({**archived, **live}.values(), key=lambda r: r.start_time or 0), set(live)
 
 
-def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
+def jobs_command(args: argparse.Namespace, console: Console) -> int:
     from launch import ray_jobs
 
     address, home = _resolve(args.address)
@@ -208,8 +213,8 @@ def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
     known = {r.submission_id: r for r in records}
     if args.job_id not in known:
         where = f"the cluster at {address}" if address else "the archive (no cluster is running)"
-        return invalid(console, ValueError(f"job {args.job_id!r} is not known to {where}; `lsys jobs list` shows "
-                                           "the jobs there are"))
+        unknown = ValueError(f"job {args.job_id!r} is not known to {where}; `lsys jobs list` shows the jobs there are")
+        return exits.invalid_input(console, unknown)
     live = args.job_id in live_ids
     if args.action == "status":
         record = known[args.job_id]
@@ -222,13 +227,14 @@ def jobs(args: argparse.Namespace, console: Console, invalid) -> int:
         print(text or "", end="")
     elif args.action == "stop":
         if not live:
-            return invalid(console, ValueError(f"job {args.job_id!r} is archived ({known[args.job_id].status}); "
-                                               "only jobs on a running cluster can be stopped"))
+            archived = ValueError(f"job {args.job_id!r} is archived ({known[args.job_id].status}); only jobs on a "
+                                  "running cluster can be stopped")
+            return exits.invalid_input(console, archived)
         print(ray_jobs.stop(address, args.job_id))
     return 0
 
 
-def cluster(args: argparse.Namespace, console: Console, invalid) -> int:
+def cluster_command(args: argparse.Namespace, console: Console) -> int:
     from launch.ray_cluster import lsys_home, running_cluster, start_cluster, stop_cluster
 
     home = lsys_home()
@@ -237,7 +243,7 @@ def cluster(args: argparse.Namespace, console: Console, invalid) -> int:
             state = start_cluster(home, num_nodes=args.nodes, cpus_per_node=args.cpus_per_node,
                                   dashboard_port=args.dashboard_port, stop_when_idle_s=args.stop_when_idle)
         except (ValueError, RuntimeError) as exc:
-            return invalid(console, exc)
+            return exits.invalid_input(console, exc)
         console.print(f"lsys: embedded Ray cluster up ({state.num_nodes} node(s)); jobs API {state.dashboard_url}")
     elif args.action == "status":
         state = running_cluster(home)
@@ -249,6 +255,3 @@ def cluster(args: argparse.Namespace, console: Console, invalid) -> int:
         print("stopped" if stop_cluster(home) else "no embedded cluster was running")
     return 0
 
-
-def main_for(command: str):
-    return {"submit": submit, "jobs": jobs, "cluster": cluster}[command]

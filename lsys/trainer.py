@@ -19,18 +19,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
-from lsys.data import Batch, EvalTotals, Task, build_task
+from lsys.data import Batch, EvalTotals, build_task, task_options
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import build_model, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
+from lsys.sharding import gather_sequence, shard_batch
 from lsys.step import StepWork, torch_dtype
-from parallel.mesh import MeshInfo, build_mesh
+from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
 
 
@@ -52,33 +52,6 @@ def sequence_length(cfg: LsysConfig, step: int, granularity: int) -> int:
         return full
     length = c.start_len * (full / c.start_len) ** (step / c.steps)
     return max(granularity, min(full, int(length) // granularity * granularity))
-
-
-def task_options(cfg: LsysConfig) -> dict[str, Any]:
-    section = getattr(cfg.data, cfg.data.task)
-    return {k: v for k, v in to_dict(cfg)["data"][cfg.data.task].items() if hasattr(section, k)}
-
-
-def shard_batch(batch: Batch, mesh: MeshInfo, layout: str) -> Batch:
-    """Keep this rank's part of every sequence ([B, S] -> [B, S/cp]); positions stay global for RoPE."""
-    if mesh.cp_size == 1:
-        return batch
-    from parallel.context import shard
-
-    def part(x: Tensor) -> Tensor:
-        return shard(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
-
-    return replace(batch, tokens=part(batch.tokens), labels=part(batch.labels),
-                   loss_mask=part(batch.loss_mask), positions=part(batch.positions))
-
-
-def gather_sequence(x: Tensor, mesh: MeshInfo, layout: str) -> Tensor:
-    """Inverse of shard_batch for per-token results ([B, S/cp] -> [B, S] on every CP rank)."""
-    if mesh.cp_size == 1:
-        return x
-    from parallel.context import gather
-
-    return gather(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
 
 
 class NonFiniteGuard:
@@ -136,30 +109,16 @@ class Trainer:
         self.micro_batch = cfg.train.micro_batch_size or local_batch
         self.granularity = cfg.parallel.seq_granularity
         self.run_dir = Path(cfg.train.run_dir)
-        self._short_tasks: dict[int, Task] = {}
         self.ckpt_root = checkpoint_root(self.run_dir)
 
     # -- one step ---------------------------------------------------------------------------------------
-
-    def _train_batch(self, ids: list[int], length: int) -> Batch:
-        """Training sequences of `length` tokens: synthetic tasks are generated at that length; text is
-        truncated (exact for next-token prediction, and what DeepSpeed's length curriculum does)."""
-        if length == self.cfg.data.seq_len:
-            return self.task.batch(ids, split="train")
-        if self.cfg.data.task == "text":
-            full = self.task.batch(ids, split="train")
-            return Batch(full.tokens[:, :length], full.labels[:, :length], full.loss_mask[:, :length],
-                         full.positions[:, :length])
-        if length not in self._short_tasks:
-            self._short_tasks[length] = build_task(self.cfg.data.task, length, self.cfg.data.seed,
-                                                   **task_options(self.cfg))
-        return self._short_tasks[length].batch(ids, split="train")
 
     def _micro_batches(self, step: int) -> list[Batch]:
         first = step * self.cfg.train.global_batch_size + self.mesh.dp_rank * self.local_batch
         ids = list(range(first, first + self.local_batch))
         length = sequence_length(self.cfg, step, self.granularity)
-        batches = [self._train_batch(ids[i:i + self.micro_batch], length)
+        # Each task shortens its own sequences for the curriculum (see Task.batch_of_length).
+        batches = [self.task.batch_of_length(ids[i:i + self.micro_batch], length)
                    for i in range(0, self.local_batch, self.micro_batch)]
         return [shard_batch(b, self.mesh, self.cfg.parallel.cp_layout) for b in batches]
 

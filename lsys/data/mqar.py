@@ -34,7 +34,7 @@ class MqarTask(Task):
     metric_name = "recall_accuracy"
 
     def __init__(self, seq_len: int, seed: int, **options: Any) -> None:
-        super().__init__(seq_len, seed)
+        super().__init__(seq_len, seed, options)
         opts = take_options("mqar", options, DEFAULTS)
         self.num_pairs = check_int("mqar", "num_pairs", opts["num_pairs"], 1)
         queries = self.num_pairs if opts["num_queries"] is None else opts["num_queries"]

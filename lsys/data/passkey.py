@@ -38,7 +38,7 @@ class PasskeyTask(Task):
     metric_name = "passkey_accuracy"
 
     def __init__(self, seq_len: int, seed: int, **options: Any) -> None:
-        super().__init__(seq_len, seed)
+        super().__init__(seq_len, seed, options)
         opts = take_options("passkey", options, DEFAULTS)
         self.key_len = check_int("passkey", "key_len", opts["key_len"], 1)
         self.key_vocab = check_int("passkey", "key_vocab", opts["key_vocab"], 1)

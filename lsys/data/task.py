@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -148,10 +148,19 @@ class Task(ABC):
     metric_name: str
     vocab_size: int
     bytes_per_token: float = 0.0  # UTF-8 bytes per token for bits per byte; 0 where bytes mean nothing
+    reads_dataset: ClassVar[bool] = False  # building it opens files (so the memory planner does not)
 
-    def __init__(self, seq_len: int, seed: int) -> None:
+    def __init__(self, seq_len: int, seed: int, options: Mapping[str, Any]) -> None:
         self.seq_len = seq_len
         self.seed = seed
+        self.options = dict(options)  # as given, to build the same task at another length
+        self._shorter: dict[int, Task] = {}
+
+    @classmethod
+    def vocabulary(cls, seq_len: int, seed: int, options: Mapping[str, Any]) -> int:
+        """The vocabulary size of the task these arguments build, checking them as building it does. Synthetic
+        tasks are cheap to build; a task that reads a dataset overrides this to read no more than it must."""
+        return cls(seq_len, seed, **options).vocab_size
 
     @abstractmethod
     def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
@@ -165,6 +174,18 @@ class Task(ABC):
         stacked = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
         positions = torch.arange(self.seq_len, dtype=torch.int64).expand(len(samples), -1).contiguous()
         return Batch(positions=positions, **stacked)
+
+    def batch_of_length(self, indices: Sequence[int], length: int, split: str = "train") -> Batch:
+        """Samples `indices` of `split` at `length` <= seq_len tokens, for a sequence-length curriculum.
+
+        Generated at that length (so the answer still ends every sequence) by this task rebuilt with the same
+        seed and options, once per length.
+        """
+        if length == self.seq_len:
+            return self.batch(indices, split)
+        if length not in self._shorter:
+            self._shorter[length] = type(self)(length, self.seed, **self.options)
+        return self._shorter[length].batch(indices, split)
 
     def eval_totals(self, batch: Batch, predictions: torch.Tensor, token_losses: torch.Tensor) -> EvalTotals:
         """Totals of one batch.

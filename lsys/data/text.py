@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from lsys.data._megatron import import_megatron_datasets
-from lsys.data.task import SPLITS, Task, check_int, option_error, take_options
-from lsys.data.verify import check_cache_dir, check_text_dataset, default_cache_dir
+from lsys.data.task import SPLITS, Batch, Task, check_int, option_error, take_options
+from lsys.data.verify import check_cache_dir, check_text_dataset, check_text_inputs, default_cache_dir
 
 DEFAULTS = {
     "path": None,
@@ -80,9 +80,10 @@ class TextTask(Task):
     """
 
     metric_name = "bits_per_byte"
+    reads_dataset = True
 
     def __init__(self, seq_len: int, seed: int, **options: Any) -> None:
-        super().__init__(seq_len, seed)
+        super().__init__(seq_len, seed, options)
         opts = take_options("text", options, DEFAULTS)
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed={seed}: the text task seeds numpy's RandomState, use 0 <= seed < 2**32")
@@ -107,6 +108,20 @@ class TextTask(Task):
         check_cache_dir(cache_dir)
         self._datasets = _build_splits(prefixes, weights, sizes, opts["split"], cache_dir, seq_len, seed,
                                        _MegatronTokenizer(metadata))
+
+    @classmethod
+    def vocabulary(cls, seq_len: int, seed: int, options: Mapping[str, Any]) -> int:
+        """From the datasets' metadata, after the checks of `check_text_inputs`: no megatron-core import and no
+        index built, so a launcher can refuse a bad dataset before any rank starts."""
+        opts = take_options("text", options, DEFAULTS)
+        return check_text_inputs(opts["path"], opts["cache_dir"] or None)[0]["vocab_size"]
+
+    def batch_of_length(self, indices: Sequence[int], length: int, split: str = "train") -> Batch:
+        """The full-length samples truncated: exact for next-token prediction, and what DeepSpeed's length
+        curriculum does."""
+        full = self.batch(indices, split)
+        return Batch(full.tokens[:, :length], full.labels[:, :length], full.loss_mask[:, :length],
+                     full.positions[:, :length])
 
     def split_length(self, split: str) -> int:
         """Distinct samples in `split` before indices wrap around."""

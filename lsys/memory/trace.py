@@ -22,13 +22,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lsys.config import LsysConfig, validate
-from lsys.data import Batch, build_task
+from lsys.data import Batch, task_type, task_vocabulary
 from lsys.memory.profile import full_length
 from lsys.memory.tracker import MemoryTracker, MemoryUsage
 from lsys.model import Transformer
 from lsys.optim import build_optimizer
+from lsys.sharding import shard_batch
 from lsys.step import StepWork, torch_dtype
-from lsys.trainer import shard_batch, task_options
 from parallel._compat import FakeTensorMode
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize
@@ -80,10 +80,10 @@ def vocabulary_size(cfg: LsysConfig) -> int:
     """model.vocab_size, or the synthetic task's vocabulary; a text dataset is not opened to plan."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    if cfg.data.task == "text":
-        raise ValueError("model.vocab_size=0 with data.task=text: planning does not read the dataset; set "
-                         "model.vocab_size to the tokenizer's vocabulary (e.g. model.vocab_size=128256)")
-    return build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg)).vocab_size
+    if task_type(cfg.data.task).reads_dataset:
+        raise ValueError(f"model.vocab_size=0 with data.task={cfg.data.task}: planning does not read the dataset; "
+                         "set model.vocab_size to the tokenizer's vocabulary (e.g. model.vocab_size=128256)")
+    return task_vocabulary(cfg)
 
 
 def _batches(cfg: LsysConfig, dp: int) -> list[Batch]:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from lsys.data import TASKS, Batch, EvalTotals, build_task, mqar, passkey, prepare_text_dataset
+from lsys.data import TASK_TYPES, TASKS, Batch, EvalTotals, build_task, mqar, passkey, prepare_text_dataset
 from lsys.data.task import sample_seed
 from tests.distributed import run_ranks
 
@@ -352,3 +352,22 @@ def test_text_task_under_a_gloo_process_group(corpus, tmp_path):
 
 def test_tasks_tuple():
     assert TASKS == ("passkey", "mqar", "text")
+    assert tuple(TASK_TYPES) == TASKS  # the registry builds every task the config accepts, and no other
+
+
+@pytest.mark.parametrize("kind", ["passkey", "mqar"])
+def test_synthetic_curriculum_batches_are_generated_at_the_shorter_length(kind):
+    task = build_task(kind, 64, seed=7, **SYNTHETIC[kind])
+    short = task.batch_of_length(range(3), 48)
+    expected = build_task(kind, 48, seed=7, **SYNTHETIC[kind]).batch(range(3))
+    for name in ("tokens", "labels", "loss_mask", "positions"):
+        torch.testing.assert_close(getattr(short, name), getattr(expected, name))
+    torch.testing.assert_close(task.batch_of_length(range(3), 64).tokens, task.batch(range(3)).tokens)
+
+
+def test_text_curriculum_batches_are_truncated(corpus):
+    root, _, _ = corpus
+    task = build_task("text", 64, seed=1, path=str(root / "bytes"))
+    full, short = task.batch(range(3)), task.batch_of_length(range(3), 16)
+    for name in ("tokens", "labels", "loss_mask", "positions"):
+        torch.testing.assert_close(getattr(short, name), getattr(full, name)[:, :16])

@@ -1,0 +1,51 @@
+"""Which `Task` class each task name builds, and the options the config gives it.
+
+The names are `lsys.config.TASKS` (the config is loaded without torch, so they live there); this table adds the
+classes. What differs between tasks (how a curriculum shortens a batch, where the vocabulary comes from, whether
+building the task reads a dataset) is a `Task` method or attribute, so nothing outside `lsys.data` branches on a
+task's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lsys.config import TASKS, LsysConfig, to_dict
+from lsys.data.mqar import MqarTask
+from lsys.data.passkey import PasskeyTask
+from lsys.data.task import Task, check_int
+from lsys.data.text import TextTask
+
+TASK_TYPES: dict[str, type[Task]] = {"passkey": PasskeyTask, "mqar": MqarTask, "text": TextTask}
+
+
+def task_type(kind: str) -> type[Task]:
+    """The class of task `kind`, one of `lsys.config.TASKS`."""
+    if kind not in TASKS:
+        raise ValueError(f"task kind={kind!r}: choose one of {', '.join(TASKS)}")
+    return TASK_TYPES[kind]
+
+
+def build_task(kind: str, seq_len: int, seed: int, **options: Any) -> Task:
+    """The task `kind` ("passkey", "mqar" or "text") for sequences of `seq_len` tokens.
+
+    `options` are the task's own (see PasskeyTask, MqarTask, TextTask); unknown or bad ones raise ValueError
+    naming the option, the value and the fix. The text task imports megatron-core (a few seconds) only here.
+    """
+    cls = task_type(kind)
+    check_int(kind, "seq_len", seq_len, 2)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: must be an integer")
+    return cls(seq_len, seed, **options)
+
+
+def task_options(cfg: LsysConfig) -> dict[str, Any]:
+    """The options of the configured task: its section of the data config (`data.passkey`, `data.text`, ...)."""
+    section = getattr(cfg.data, cfg.data.task)
+    return {k: v for k, v in to_dict(cfg)["data"][cfg.data.task].items() if hasattr(section, k)}
+
+
+def task_vocabulary(cfg: LsysConfig) -> int:
+    """The configured task's vocabulary size, without building a task that reads a dataset (see
+    `Task.vocabulary`)."""
+    return task_type(cfg.data.task).vocabulary(cfg.data.seq_len, cfg.data.seed, task_options(cfg))
