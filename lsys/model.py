@@ -1,9 +1,10 @@
 """The plain decoder-only transformer. It knows nothing of ranks: parallelism is applied afterwards by
 `parallel.parallelize`, which swaps each attention's `attn_fn` and wraps modules.
 
-Protocol the parallel layer relies on: `model.blocks` is a ModuleList of blocks, each with `.attn` whose
-`attn_fn(q, k, v, causal=...)` computes attention; positions are explicit global ids, so a rank holding a
-shard of the sequence rotates its queries and keys exactly as the full sequence would.
+What the parallel layer needs to know of it, `Transformer.parallel_plan()` tells it (parallel.plan): the
+blocks, each one's attention (whose `attn_fn(q, k, v, causal=...)` is replaceable), feed-forward, norms and
+final projection, and how tensor parallelism splits each module. Positions are explicit global ids, so a rank
+holding a shard of the sequence rotates its queries and keys exactly as the full sequence would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention as local_attention
 from lsys.config import ModelConfig, ffn_hidden_size
+from parallel.plan import BlockPlan, ParallelPlan, Split, TensorSplit
 
 AttnFn = Callable[..., Tensor]
 
@@ -102,6 +104,23 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
+    def parallel_plan(self) -> BlockPlan:
+        colwise, rowwise = TensorSplit(Split.COLWISE), TensorSplit(Split.ROWWISE)
+        sequence = TensorSplit(Split.SEQUENCE)
+        return BlockPlan(
+            block=self, attention=self.attn, feed_forward=self.ffn, norms=(self.attn_norm, self.ffn_norm),
+            final_projection=self.ffn.w_down,
+            # Column-parallel q/k/v split whole query and KV heads, so grouped-query attention stays local.
+            tensor_parallel={
+                "attn_norm": sequence,
+                "attn": TensorSplit(Split.GATHER_INPUT, inputs=3),  # x, and the RoPE tables cos, sin
+                "attn.wq": colwise, "attn.wk": colwise, "attn.wv": colwise, "attn.wo": rowwise,
+                "ffn_norm": sequence,
+                "ffn": TensorSplit(Split.GATHER_INPUT),
+                "ffn.w_gate": colwise, "ffn.w_up": colwise, "ffn.w_down": rowwise,
+            },
+        )
+
 
 def logit_losses(logits: Tensor, labels: Tensor) -> Tensor:
     # logits: [B, s, V], labels: [B, s] -> per-token cross-entropy [B, s], at least fp32
@@ -154,6 +173,14 @@ class Transformer(nn.Module):
         if labels is None:
             return self.lm_head(self.norm(x))
         return token_losses(self.lm_head, self.norm(x), labels, loss_chunk_tokens)
+
+    def parallel_plan(self) -> ParallelPlan:
+        """What `parallel.parallelize` needs to know of this model (see parallel.plan)."""
+        return ParallelPlan(
+            blocks=tuple(block.parallel_plan() for block in self.blocks),
+            tensor_parallel={"embed": TensorSplit(Split.VOCAB_EMBEDDING), "norm": TensorSplit(Split.SEQUENCE),
+                             "lm_head": TensorSplit(Split.VOCAB_HEAD)},
+        )
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

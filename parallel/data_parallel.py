@@ -41,8 +41,9 @@ def block_units(blocks: list[nn.Module], min_unit_params: int) -> list[list[nn.M
     return units
 
 
-def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh, min_unit_params: int = 0) -> None:
-    """Shard `model` (units of blocks, then the root) over `replica_mesh`, in place (see `block_units`)."""
+def shard_data_parallel(model: nn.Module, blocks: list[nn.Module], replica_mesh: DeviceMesh,
+                        min_unit_params: int = 0) -> None:
+    """Shard `model` (units of its `blocks`, then the root) over `replica_mesh`, in place (see `block_units`)."""
     mark_applied(model, "data parallelism")
     # The root returns the logits, a view when tensor parallelism hands back its local shard; FSDP2 warns in
     # case the caller modifies it in place, which the trainer never does.
@@ -50,7 +51,7 @@ def shard_data_parallel(model: nn.Module, replica_mesh: DeviceMesh, min_unit_par
     # The global gradient norm over replica x tp DTensors is reduced over both axes in two steps, one scalar
     # each; DTensor logs that as a performance hint on every rank at every step.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-    for unit in block_units(list(model.blocks), min_unit_params):
+    for unit in block_units(blocks, min_unit_params):
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=replica_mesh)
     fully_shard(model, mesh=replica_mesh)
     for module in model.modules():

@@ -1,9 +1,13 @@
 """`parallelize(model, cfg, mesh)`: the one place where parallelism is applied to a plain model.
 
+The model describes itself once, `model.parallel_plan()` (parallel.plan), before anything is wrapped; every
+transform takes the plan's modules, and what one transform makes for a later one is handed over here
+(the per-block int8 quantizers that recomputation stores its kept tensors with).
+
 Fixed order (each later step wraps what the earlier ones produced):
   1. tensor + sequence parallelism over the "tp" axis (parallel.tensor_parallel): parameters become DTensors,
      blocks exchange [B, S/tp, hidden] and attention sees this rank's heads;
-  2. context-parallel attention: every block's `attn.attn_fn` becomes ring / Ulysses / hybrid attention
+  2. context-parallel attention: every block's attention's `attn_fn` becomes ring / Ulysses / hybrid attention
      over the mesh's groups (on the heads step 1 left to this rank);
   3. 8-bit stored activations: saved-tensor hooks around the parts of each block the policy names,
      attention included (so it wraps the attention chosen in step 2);
@@ -24,13 +28,14 @@ from torch import nn
 from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
 from parallel.data_parallel import shard_data_parallel
 from parallel.mesh import MeshInfo
+from parallel.plan import ParallelPlan
 from parallel.quantize import apply_activation_quantization
 from parallel.recompute import apply_recompute
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.transforms import mark_applied
 
 
-def apply_context_parallel(model: nn.Module, cfg: ParallelConfig, mesh: MeshInfo) -> None:
+def apply_context_parallel(model: nn.Module, plan: ParallelPlan, cfg: ParallelConfig, mesh: MeshInfo) -> None:
     """Swap every block's attention function for context-parallel attention over the mesh's CP groups."""
     from parallel.context import attention as cp_attention
 
@@ -38,8 +43,8 @@ def apply_context_parallel(model: nn.Module, cfg: ParallelConfig, mesh: MeshInfo
     attn_fn = functools.partial(
         cp_attention, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=cfg.cp_layout
     )
-    for block in model.blocks:
-        block.attn.attn_fn = attn_fn
+    for block in plan.blocks:
+        block.attention.attn_fn = attn_fn
 
 
 def parallelize(
@@ -49,14 +54,17 @@ def parallelize(
     recompute: RecomputeConfig | None = None,
     quant: QuantConfig | None = None,
 ) -> nn.Module:
-    """model: a plain model following the block protocol -> the same model, parallelized in place."""
+    """model: a plain model with a `parallel_plan()` -> the same model, parallelized in place."""
     recompute, quant = recompute or RecomputeConfig(), quant or QuantConfig()
+    # Asked of the model rather than passed in by the caller: the plan describes the model's own modules, and
+    # every caller (trainer, memory planner) would only ever pass this.
+    plan = model.parallel_plan()
     if mesh.tp_size > 1:
-        apply_tensor_parallel(model, mesh.tp_mesh)
+        apply_tensor_parallel(model, plan, mesh.tp_mesh)
     if mesh.cp_size > 1:
-        apply_context_parallel(model, cfg, mesh)
-    apply_activation_quantization(model, quant, recompute)
-    apply_recompute(model, recompute)
+        apply_context_parallel(model, plan, cfg, mesh)
+    quantizers = apply_activation_quantization(model, plan, quant, recompute)
+    apply_recompute(model, plan, recompute, quantizers)
     if mesh.replica_size > 1:
-        shard_data_parallel(model, mesh.replica_mesh, cfg.fsdp_unit_params)
+        shard_data_parallel(model, plan.block_modules(), mesh.replica_mesh, cfg.fsdp_unit_params)
     return model

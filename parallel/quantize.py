@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
 from parallel.config import QuantConfig, RecomputeConfig
+from parallel.plan import BlockPlan, ParallelPlan
 from parallel.transforms import mark_applied
 
 SCOPES = ("attention", "attn", "ffn", "norm", "recompute", "block_input")
@@ -283,16 +284,21 @@ def _wrap_forward(module: nn.Module, run: Callable[[Callable, tuple, dict], Tens
     module.forward = lambda *args, **kwargs: run(inner, args, kwargs)
 
 
-def apply_activation_quantization(model: nn.Module, cfg: QuantConfig, recompute: RecomputeConfig) -> None:
-    """Store the selected kinds of saved activations of every block in int8, in place."""
+def apply_activation_quantization(
+    model: nn.Module, plan: ParallelPlan, cfg: QuantConfig, recompute: RecomputeConfig
+) -> dict[int, BlockQuantizer]:
+    """Store the selected kinds of saved activations of every block of `plan` in int8, in place.
+
+    Returns each block's quantizer by block index (none when int8 is off): recomputation (parallel.recompute)
+    stores what its checkpoints keep with them. `recompute` says which blocks it will checkpoint, and how."""
     if cfg.activations == "none":
-        return
+        return {}
     mark_applied(model, "activation quantization")
     kinds = set(cfg.kinds)
-    recomputed = set(recompute.selected(len(model.blocks)))
-    for index, block in enumerate(model.blocks):
-        quantizer = BlockQuantizer(cfg, index)
-        block.activation_quantizer = quantizer
+    recomputed = set(recompute.selected(len(plan.blocks)))
+    quantizers = {index: BlockQuantizer(cfg, index) for index in range(len(plan.blocks))}
+    for index, block in enumerate(plan.blocks):
+        quantizer = quantizers[index]
         if index in recomputed and recompute.mode == "full":
             continue  # keeps only its input, which the checkpoint holds (see kept_input_scope)
 
@@ -300,36 +306,41 @@ def apply_activation_quantization(model: nn.Module, cfg: QuantConfig, recompute:
             quantizer.begin_forward()
             return inner(*args, **kwargs)
 
-        _wrap_forward(block, block_forward)
+        _wrap_forward(block.block, block_forward)
         if "attention" in kinds:
-            block.attn.attn_fn = _QuantizedAttention(block.attn.attn_fn, quantizer)
-        if index in recomputed:
-            continue
-        for name, module in (("attn", block.attn), ("ffn", block.ffn)):
-            elementwise = name == "ffn" and "elementwise" in kinds
-            if "linear" not in kinds and not elementwise:
-                continue
+            block.attention.attn_fn = _QuantizedAttention(block.attention.attn_fn, quantizer)
+        if index not in recomputed:
+            _quantize_sublayers(block, kinds, quantizer)
+    return quantizers
 
-            def scoped(inner, args, kwargs, name=name, elementwise=elementwise, quantizer=quantizer):
-                is_input = _is_input_or_its_copy(args[0])
-                if elementwise and "linear" in kinds:
-                    wanted = _activation
-                elif elementwise:
-                    wanted = lambda t: _activation(t) and not is_input(t)  # noqa: E731
-                elif name == "attn":
-                    # Its input (saved by wq, wk, wv) and attention's out where attn_fn quantized it (saved
-                    # again by wo); not the RoPE tables.
-                    wanted = lambda t: is_input(t) or quantizer.is_shared(t)  # noqa: E731
-                else:
-                    wanted = is_input
-                with quantizer.scope(name, wanted):
+
+def _quantize_sublayers(block: BlockPlan, kinds: set[str], quantizer: BlockQuantizer) -> None:
+    """Hooks around the attention and feed-forward modules and the norms of a block that is not recomputed."""
+    for name, module in (("attn", block.attention), ("ffn", block.feed_forward)):
+        elementwise = module is block.feed_forward and "elementwise" in kinds
+        if "linear" not in kinds and not elementwise:
+            continue
+
+        def scoped(inner, args, kwargs, module=module, name=name, elementwise=elementwise):
+            is_input = _is_input_or_its_copy(args[0])
+            if elementwise and "linear" in kinds:
+                wanted = _activation
+            elif elementwise:
+                wanted = lambda t: _activation(t) and not is_input(t)  # noqa: E731
+            elif module is block.attention:
+                # Its input (saved by the q, k, v projections) and attention's out where attn_fn quantized it
+                # (saved again by the output projection); not the RoPE tables.
+                wanted = lambda t: is_input(t) or quantizer.is_shared(t)  # noqa: E731
+            else:
+                wanted = is_input
+            with quantizer.scope(name, wanted):
+                return inner(*args, **kwargs)
+
+        _wrap_forward(module, scoped)
+    if "norm" in kinds:
+        for norm in block.norms:
+            def normed(inner, args, kwargs):
+                with quantizer.scope("norm", _activation):
                     return inner(*args, **kwargs)
 
-            _wrap_forward(module, scoped)
-        if "norm" in kinds:
-            for norm in (block.attn_norm, block.ffn_norm):
-                def normed(inner, args, kwargs, quantizer=quantizer):
-                    with quantizer.scope("norm", _activation):
-                        return inner(*args, **kwargs)
-
-                _wrap_forward(norm, normed)
+            _wrap_forward(norm, normed)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from parallel.config import RecomputeConfig
+from parallel.plan import BlockPlan, ParallelPlan
+from parallel.quantize import BlockQuantizer
 from parallel.transforms import mark_applied
 
 # Matmul outputs are kept: recomputing them would cost as much as the forward's matmuls.
@@ -165,9 +167,9 @@ class _ModuleFlag:
         module.register_forward_hook(lambda *_: setattr(self, "active", False), always_call=True)
 
 
-def _checkpointed(block: nn.Module, context_fn: Callable | None) -> Callable[..., Tensor]:
+def _checkpointed(block: nn.Module, context_fn: Callable | None,
+                  quantizer: BlockQuantizer | None) -> Callable[..., Tensor]:
     forward = block.forward
-    quantizer = getattr(block, "activation_quantizer", None)
 
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Tensor:
@@ -181,24 +183,25 @@ def _checkpointed(block: nn.Module, context_fn: Callable | None) -> Callable[...
     return run
 
 
-def _selective_context_fn(block: nn.Module) -> Callable:
-    quantizer = getattr(block, "activation_quantizer", None)
+def _selective_context_fn(block: BlockPlan, quantizer: BlockQuantizer | None) -> Callable:
     keep = (lambda t: t) if quantizer is None else quantizer.pack_recompute_input
-    attention = _ReplayedAttention(block.attn.attn_fn,
+    attention = _ReplayedAttention(block.attention.attn_fn,
                                    (lambda t: t) if quantizer is None else quantizer.pack_replayed_output)
-    block.attn.attn_fn = attention
-    block.attn.register_forward_pre_hook(lambda *_: setattr(attention, "preparing_inputs", True))
-    final_projection = _ModuleFlag(block.ffn.w_down)
+    block.attention.attn_fn = attention
+    block.attention.register_forward_pre_hook(lambda *_: setattr(attention, "preparing_inputs", True))
+    final_projection = _ModuleFlag(block.final_projection)
     return lambda: _SelectiveCache(attention, final_projection, keep).contexts()
 
 
-def apply_recompute(model: nn.Module, cfg: RecomputeConfig) -> None:
-    """Make the selected blocks of `model.blocks` recompute in backward, in place."""
+def apply_recompute(model: nn.Module, plan: ParallelPlan, cfg: RecomputeConfig,
+                    quantizers: Mapping[int, BlockQuantizer] | None = None) -> None:
+    """Make the selected blocks of `plan` recompute in backward, in place. `quantizers` (by block index, from
+    parallel.quantize.apply_activation_quantization): what stores the kept tensors in int8; none: kept as is."""
     if cfg.mode == "none":
         return
     mark_applied(model, "recomputation")
-    blocks = list(model.blocks)
-    for index in cfg.selected(len(blocks)):
-        block = blocks[index]
-        context_fn = _selective_context_fn(block) if cfg.mode == "selective" else None
-        block.forward = _checkpointed(block, context_fn)
+    quantizers = quantizers or {}
+    for index in cfg.selected(len(plan.blocks)):
+        block, quantizer = plan.blocks[index], quantizers.get(index)
+        context_fn = _selective_context_fn(block, quantizer) if cfg.mode == "selective" else None
+        block.block.forward = _checkpointed(block.block, context_fn, quantizer)

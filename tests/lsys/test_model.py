@@ -82,6 +82,23 @@ def test_attn_fn_is_replaceable():
     assert calls == [((1, 6, 4, 8), (1, 6, 2, 8), True)] * 2
 
 
+def test_parallel_plan_names_this_models_own_modules():
+    # The parallel layer reaches the model only through its plan: every module and path in it must exist.
+    with torch.device("meta"):
+        model = Transformer(tiny())
+    plan = model.parallel_plan()
+    assert plan.block_modules() == list(model.blocks)
+    for path in plan.tensor_parallel:
+        model.get_submodule(path)
+    for block in plan.blocks:
+        owned = list(block.block.modules())
+        for module in (block.attention, block.feed_forward, block.final_projection, *block.norms):
+            assert any(module is m for m in owned)
+        assert callable(block.attention.attn_fn)
+        for path in block.tensor_parallel:
+            block.block.get_submodule(path)
+
+
 def test_meta_build_needs_a_vocabulary():
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(tiny(vocab_size=0))

@@ -22,7 +22,7 @@ BATCH, SEQ = 2, 64
 def _step(recompute: RecomputeConfig, dtype=torch.float64) -> dict:
     """One forward+backward: gradients, stored bytes by layer, and flops of forward and backward."""
     model = build_model(CFG, torch.device("cpu"), dtype, seed=0)
-    apply_recompute(model, recompute)
+    apply_recompute(model, model.parallel_plan(), recompute)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=gen)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
@@ -105,7 +105,7 @@ def test_every_and_first_select_blocks():
 
 def test_eval_without_grad_is_not_recomputed_or_remembered():
     model = build_model(CFG, torch.device("cpu"), torch.float32, seed=0)
-    apply_recompute(model, RecomputeConfig("selective"))
+    apply_recompute(model, model.parallel_plan(), RecomputeConfig("selective"))
     tokens, positions = torch.zeros(1, 8, dtype=torch.long), torch.arange(8)[None]
     with torch.no_grad():
         model(tokens, positions)
@@ -126,7 +126,7 @@ def test_selective_never_reruns_attention(mode, calls_per_block):
     for block in model.blocks:
         inner = block.attn.attn_fn
         block.attn.attn_fn = lambda *args, inner=inner, **kwargs: calls.append(1) or inner(*args, **kwargs)
-    apply_recompute(model, RecomputeConfig(mode))
+    apply_recompute(model, model.parallel_plan(), RecomputeConfig(mode))
     tokens, positions = torch.zeros(2, 16, dtype=torch.long), torch.arange(16).expand(2, 16)
     model(tokens, positions).sum().backward()
     assert len(calls) == calls_per_block * CFG.num_layers
@@ -137,9 +137,10 @@ def test_each_transform_refuses_to_run_twice():
     from parallel.quantize import apply_activation_quantization
 
     model = build_model(CFG, torch.device("cpu"), torch.float32, seed=0)
-    apply_activation_quantization(model, QuantConfig("int8"), RecomputeConfig("selective"))
-    apply_recompute(model, RecomputeConfig("selective"))
+    plan = model.parallel_plan()
+    quantizers = apply_activation_quantization(model, plan, QuantConfig("int8"), RecomputeConfig("selective"))
+    apply_recompute(model, plan, RecomputeConfig("selective"), quantizers)
     with pytest.raises(ValueError, match="recomputation was already applied"):
-        apply_recompute(model, RecomputeConfig("full"))
+        apply_recompute(model, plan, RecomputeConfig("full"))
     with pytest.raises(ValueError, match="activation quantization was already applied"):
-        apply_activation_quantization(model, QuantConfig("int8"), RecomputeConfig("selective"))
+        apply_activation_quantization(model, plan, QuantConfig("int8"), RecomputeConfig("selective"))
