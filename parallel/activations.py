@@ -84,8 +84,9 @@ def _owner(start_ns: int, windows: list[list]) -> str:
 
 def measure_stored_activations(model: nn.Module, forward: Callable[[], Tensor]) -> tuple[Tensor, StoredActivations]:
     """Run `forward` (a closure over `model`); returns its output and the bytes it left alive, per module."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
+    from parallel._compat import PROFILER_ALLOCATION
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     windows: list[list] = []
@@ -100,7 +101,7 @@ def measure_stored_activations(model: nn.Module, forward: Callable[[], Tensor]) 
     while pending:
         node = pending.pop()
         pending.extend(node.children)
-        if node.tag == _EventType.Allocation:
+        if node.tag == PROFILER_ALLOCATION:
             events.append(node)
     live: dict[tuple[str, int], tuple[int, str]] = {}  # (device, ptr) -> (bytes, owner)
     for node in sorted(events, key=lambda n: n.start_time_ns):

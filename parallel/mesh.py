@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from parallel._compat import flatten_mesh
 from parallel.config import ParallelConfig
 
 AXES = ("dp", "cp_ring", "cp_ulysses", "tp")
@@ -43,7 +44,7 @@ def build_mesh(cfg: ParallelConfig, device_type: str) -> MeshInfo:
     dp = cfg.resolved_dp(world_size)
     shape = (dp, cfg.cp_ring, cfg.cp_ulysses, cfg.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
-    replica = mesh["dp", "cp_ring", "cp_ulysses"]._flatten("replica")
+    replica = flatten_mesh(mesh["dp", "cp_ring", "cp_ulysses"], "replica")
     return MeshInfo(
         mesh=mesh,
         dp_size=dp,

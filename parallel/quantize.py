@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
+from parallel._compat import AsyncCollectiveTensor
 from parallel.config import QuantConfig, RecomputeConfig
 from parallel.plan import BlockPlan, ParallelPlan
 from parallel.transforms import mark_applied
@@ -88,7 +88,8 @@ def _local(t: Tensor) -> Tensor:
     """The plain tensor holding t's values here: a DTensor's shard; a collective's result once it arrived
     (DTensor's redistributions return wrappers that wait lazily and have no storage of their own)."""
     if isinstance(t, DTensor):
-        t = t._local_tensor
+        with torch.no_grad():  # the shard itself (a view for a Parameter), with no autograd step in between
+            t = t.to_local()
     return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
 
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from parallel._compat import TorchDispatchMode, in_backward
 from parallel.config import RecomputeConfig
 from parallel.plan import BlockPlan, ParallelPlan
 from parallel.quantize import BlockQuantizer
@@ -57,7 +57,7 @@ class _ReplayedAttention:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         self.preparing_inputs = False
-        if torch._C._current_graph_task_id() != -1:
+        if in_backward():
             # A dequantized copy is a new leaf: it must require grad as the output did, so the recompute
             # saves what the forward saved (the output projection keeps its weight only for such an input).
             return _unpacked(self.outputs.popleft()).requires_grad_()
