@@ -105,10 +105,6 @@ def _device(cfg: LsysConfig) -> str:
 def _vocabulary(cfg: LsysConfig) -> int:
     """The model's vocabulary: model.vocab_size, checked against the task's, else the task's. A text dataset is
     checked here (without megatron-core) and its vocabulary read from its metadata (`Task.vocabulary`)."""
-    from lsys.data import task_vocabulary
+    from lsys.data import model_vocabulary, task_vocabulary
 
-    task_vocab = task_vocabulary(cfg)
-    if cfg.model.vocab_size and cfg.model.vocab_size < task_vocab:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} task's "
-                         f"vocabulary {task_vocab}; raise it or use 0 for the task's")
-    return cfg.model.vocab_size or task_vocab
+    return model_vocabulary(cfg, task_vocabulary(cfg))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
-from lsys.data import Batch, EvalTotals, build_task, task_options
+from lsys.data import Batch, EvalTotals, build_task, model_vocabulary, task_options
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import build_model, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
@@ -95,11 +95,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.mesh = build_mesh(cfg.parallel, self.device.type)
         self.task = build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg))
-        vocab = cfg.model.vocab_size or self.task.vocab_size
-        if vocab < self.task.vocab_size:
-            raise ValueError(f"model.vocab_size={vocab} is smaller than the task's vocabulary {self.task.vocab_size};"
-                             " raise it or use 0 for automatic")
-        self.model_cfg = replace(cfg.model, vocab_size=vocab)
+        self.model_cfg = replace(cfg.model, vocab_size=model_vocabulary(cfg, self.task.vocab_size))
         self.model = build_model(self.model_cfg, self.device, torch_dtype(cfg.train.param_dtype), cfg.train.seed)
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
         self.optimizer = build_optimizer(cfg, self.model, optimizer_store)

@@ -121,6 +121,7 @@ CASES = [
          "data.seq_len"),
     Case("dtype-unknown", [*TRAIN, "train.param_dtype=float16", RUN], "train.param_dtype"),
     Case("layout-unknown", [*TRAIN, "parallel.cp_layout=diagonal", RUN], "cp_layout"),
+    Case("vocab-below-task", [*TRAIN, "model.vocab_size=5", RUN], "model.vocab_size=5"),
     Case("fsdp-unit-negative", [*TRAIN, "parallel.fsdp_unit_params=-1", RUN], "parallel.fsdp_unit_params"),
     Case("recompute-unknown", [*TRAIN, "recompute.mode=some", RUN], "recompute.mode"),
     Case("quant-unknown", [*TRAIN, "quant.activations=int4", RUN], "quant.activations"),

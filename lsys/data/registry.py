@@ -45,6 +45,14 @@ def task_options(cfg: LsysConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg)["data"][cfg.data.task].items() if hasattr(section, k)}
 
 
+def model_vocabulary(cfg: LsysConfig, task_vocab: int) -> int:
+    """The model's vocabulary: model.vocab_size (at least the task's `task_vocab`), or the task's when it is 0."""
+    if cfg.model.vocab_size and cfg.model.vocab_size < task_vocab:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} task's "
+                         f"vocabulary {task_vocab}; raise it or use 0 for the task's")
+    return cfg.model.vocab_size or task_vocab
+
+
 def task_vocabulary(cfg: LsysConfig) -> int:
     """The configured task's vocabulary size, without building a task that reads a dataset (see
     `Task.vocabulary`)."""
