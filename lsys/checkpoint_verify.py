@@ -25,14 +25,14 @@ from typing import IO, Any
 
 import torch
 
-from lsys.config import LsysConfig, ModelConfig, ffn_hidden_size
+from lsys.config import LsysConfig, ModelConfig, ffn_hidden_size, head_dim
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 DCP_METADATA = ".metadata"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-               "tie_embeddings")
+               "tie_embeddings", "head_dim", "attention_bias", "qk_norm")
 # Run-control keys that differ between a stopped run and its continuation by design: not worth a message.
 _QUIET_KEYS = ("train.exit_at_step",)
 
@@ -49,7 +49,8 @@ def model_shape(model: ModelConfig) -> dict[str, Any]:
     which matches any vocabulary: the trainer passes the resolved config, the CLI may not know it yet."""
     return {"vocab_size": model.vocab_size or None, "hidden_size": model.hidden_size,
             "num_layers": model.num_layers, "num_heads": model.num_heads, "num_kv_heads": model.num_kv_heads,
-            "ffn_hidden_size": ffn_hidden_size(model), "tie_embeddings": model.tie_embeddings}
+            "ffn_hidden_size": ffn_hidden_size(model), "tie_embeddings": model.tie_embeddings,
+            "head_dim": head_dim(model), "attention_bias": model.attention_bias, "qk_norm": model.qk_norm}
 
 
 def run_layout(cfg: LsysConfig, world_size: int) -> dict[str, Any]:

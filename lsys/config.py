@@ -28,17 +28,57 @@ MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
 CONFIG_REFERENCE = "the configuration reference in README.md"
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE scaling for context extension, with HuggingFace's names and meaning (`rope_scaling` in a checkpoint's
+    config.json): `linear` divides every frequency by `factor` (position interpolation); `llama3` divides only the
+    low frequencies, ramping between the wavelengths original_max_position_embeddings / low_freq_factor and
+    / high_freq_factor; `yarn` blends interpolated and original frequencies between the beta_fast and beta_slow
+    rotation counts and scales the tables by `attention_factor` (0: 0.1 ln(factor) + 1, or from mscale and
+    mscale_all_dim when both are set). Positions stay global ids under every layout: scaling changes only the
+    frequencies."""
+
+    rope_type: str = "default"  # default (no scaling) | linear | llama3 | yarn
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0  # llama3, yarn: the context length the model was trained at
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn; 0: derived from factor
+    mscale: float = 0.0  # yarn
+    mscale_all_dim: float = 0.0  # yarn
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+
+
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer: RMSNorm, RoPE on global positions, SwiGLU, grouped-query attention."""
+    """Decoder-only transformer: RMSNorm, RoPE on global positions, SwiGLU, grouped-query attention; with the
+    switches of the HuggingFace families lsys reads (lsys.hf): Llama 2/3 (tied embeddings in 3.2, RoPE scaling),
+    Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (per-head RMSNorm of queries and keys).
 
+    `pretrained`: a local HuggingFace model directory. Its config.json then sets every architecture key (a
+    value given here that differs is refused); `rope_theta` and `rope_scaling` may be overridden to extend the
+    context. Its weights are loaded into each rank's shards (lsys.hf.load)."""
+
+    pretrained: str = ""
     vocab_size: int = 0  # 0: the task's vocabulary size
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 4
+    head_dim: int = 0  # 0: hidden_size / num_heads
     ffn_hidden_size: int = 0  # 0: 8/3 * hidden rounded up to a multiple of 64 (Llama's rule)
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    # Mistral-style sliding-window attention is not implemented: a window shorter than data.seq_len is refused
+    # (0: none). A window at least as long as the sequence is plain causal attention.
+    sliding_window: int = 0
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -48,6 +88,10 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     if cfg.ffn_hidden_size:
         return cfg.ffn_hidden_size
     return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
 
 @dataclass
@@ -313,9 +357,14 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "use 0 (the task's vocabulary) or a positive size")
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "use 0 (automatic) or a positive size")
     p.validate()
+    _require(m.head_dim >= 0, "model.head_dim", m.head_dim, "use 0 (hidden_size / num_heads) or a positive size")
     check_model_split(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                      ffn_hidden_size=ffn_hidden_size(m), cp_ulysses=p.cp_ulysses, tp=p.tp)
+                      ffn_hidden_size=ffn_hidden_size(m), head_dim=m.head_dim, cp_ulysses=p.cp_ulysses, tp=p.tp)
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+    _validate_rope_scaling(m.rope_scaling)
+    _require(m.sliding_window == 0 or m.sliding_window >= d.seq_len, "model.sliding_window", m.sliding_window,
+             f"sliding-window attention is not supported, and a window shorter than data.seq_len={d.seq_len} would "
+             "change what the model attends to; train at most that many tokens, or use a model without a window")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive (RMSNorm divides by sqrt(mean + eps)), "
              "e.g. 1e-5")
@@ -390,6 +439,27 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
              f"e.g. {below + multiple}" + (f" or {below}" if below >= MIN_SEQ_LEN else ""))
     if world_size is not None:
         validate_for_world(cfg, world_size)
+
+
+def _validate_rope_scaling(r: RopeScalingConfig) -> None:
+    key = "model.rope_scaling"
+    _require(r.rope_type in ROPE_TYPES, f"{key}.rope_type", r.rope_type, f"choose one of {', '.join(ROPE_TYPES)}")
+    if r.rope_type == "default":
+        return
+    _require(r.factor >= 1, f"{key}.factor", r.factor, "must be at least 1 (how many times longer the context is)")
+    if r.rope_type in ("llama3", "yarn"):
+        _require(r.original_max_position_embeddings > 0, f"{key}.original_max_position_embeddings",
+                 r.original_max_position_embeddings, f"rope_type={r.rope_type} needs the context length the "
+                 "model was pretrained at, e.g. 8192")
+    if r.rope_type == "llama3":
+        _require(r.low_freq_factor > 0, f"{key}.low_freq_factor", r.low_freq_factor, "must be positive")
+        _require(r.high_freq_factor > r.low_freq_factor, f"{key}.high_freq_factor", r.high_freq_factor,
+                 f"must be above low_freq_factor={r.low_freq_factor}")
+    if r.rope_type == "yarn":
+        _require(r.beta_fast > 0, f"{key}.beta_fast", r.beta_fast, "must be positive")
+        _require(r.beta_slow > 0, f"{key}.beta_slow", r.beta_slow, "must be positive")
+        _require(r.attention_factor >= 0, f"{key}.attention_factor", r.attention_factor,
+                 "use 0 (derived from factor) or a positive scale")
 
 
 def _validate_optim(o: OptimConfig) -> None:

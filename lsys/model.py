@@ -10,7 +10,7 @@ holding a shard of the sequence rotates its queries and keys exactly as the full
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention as local_attention
-from lsys.config import ModelConfig, ffn_hidden_size
+from lsys.config import ModelConfig, ffn_hidden_size, head_dim
+from lsys.rope import apply_rope, inverse_frequencies, rope_tables
 from parallel.plan import BlockPlan, ParallelPlan, Split, TensorSplit
 
 AttnFn = Callable[..., Tensor]
@@ -37,36 +38,20 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.to(wide.dtype)).to(x.dtype)
 
 
-def rope_tables(
-    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """positions: [B, S] global ids -> cos, sin: [B, S, 1, head_dim/2] in `dtype`.
-
-    Angles are formed in float64: at position 1e6 a float32 angle is off by ~0.06 rad, which would make
-    long-context positions alias.
-    """
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
-    angles = positions.double()[..., None] / theta**exponents
-    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, S, H, D]; rotates (first half, second half) pairs, as Llama/NeoX do, in the tables' precision."""
-    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.head_dim = head_dim(cfg)
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Qwen3: each query and key head is RMS-normalised over head_dim before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_fn: AttnFn = local_attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -75,6 +60,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.attn_fn(q, k, v, causal=True)
         return self.wo(out.reshape(b, s, -1))
@@ -107,18 +94,24 @@ class Block(nn.Module):
     def parallel_plan(self) -> BlockPlan:
         colwise, rowwise = TensorSplit(Split.COLWISE), TensorSplit(Split.ROWWISE)
         sequence = TensorSplit(Split.SEQUENCE)
+        # Column-parallel q/k/v split whole query and KV heads, so grouped-query attention stays local.
+        splits = {
+            "attn_norm": sequence,
+            "attn": TensorSplit(Split.GATHER_INPUT, inputs=3),  # x, and the RoPE tables cos, sin
+            "attn.wq": colwise, "attn.wk": colwise, "attn.wv": colwise, "attn.wo": rowwise,
+            "ffn_norm": sequence,
+            "ffn": TensorSplit(Split.GATHER_INPUT),
+            "ffn.w_gate": colwise, "ffn.w_up": colwise, "ffn.w_down": rowwise,
+        }
+        head_norms = self.attn.q_norm is not None
+        if head_norms:
+            splits.update({"attn.q_norm": TensorSplit(Split.HEADS), "attn.k_norm": TensorSplit(Split.HEADS)})
         return BlockPlan(
             block=self, attention=self.attn, feed_forward=self.ffn, norms=(self.attn_norm, self.ffn_norm),
             final_projection=self.ffn.w_down,
-            # Column-parallel q/k/v split whole query and KV heads, so grouped-query attention stays local.
-            tensor_parallel={
-                "attn_norm": sequence,
-                "attn": TensorSplit(Split.GATHER_INPUT, inputs=3),  # x, and the RoPE tables cos, sin
-                "attn.wq": colwise, "attn.wk": colwise, "attn.wv": colwise, "attn.wo": rowwise,
-                "ffn_norm": sequence,
-                "ffn": TensorSplit(Split.GATHER_INPUT),
-                "ffn.w_gate": colwise, "ffn.w_up": colwise, "ffn.w_down": rowwise,
-            },
+            # The per-head norms' backward reads the q/k projections' outputs; RoPE's reads only its tables.
+            projections_read_in_backward=head_norms,
+            tensor_parallel=splits,
         )
 
 
@@ -153,6 +146,10 @@ class Transformer(nn.Module):
         if cfg.vocab_size <= 0:
             raise ValueError(f"model.vocab_size={cfg.vocab_size}: resolve it (e.g. from the task) before building")
         self.cfg = cfg
+        # Constants of the config, not state: a plain attribute (on CPU, [head_dim/2]) rather than a buffer, so
+        # building on the meta device and materialising the shards leaves it intact and checkpoints never hold it.
+        with torch.device("cpu"):  # also when the model is built under torch.device("meta")
+            self.inv_freq, self.rope_scale = inverse_frequencies(head_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -166,7 +163,7 @@ class Transformer(nn.Module):
         with `labels` [B, S]: per-token cross-entropy [B, S] (at least fp32), the vocabulary's logits made
         `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`)."""
         table_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
-        cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, table_dtype)
+        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, table_dtype)
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin)
@@ -182,31 +179,36 @@ class Transformer(nn.Module):
                              "lm_head": TensorSplit(Split.VOCAB_HEAD)},
         )
 
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Deterministic initialisation from `seed` (identical on every rank, whatever the device).
+    def initial_values(self, seed: int) -> Iterator[tuple[str, Tensor]]:
+        """Deterministic initialisation from `seed`: (parameter name, its full float32 values), one parameter at
+        a time in `named_parameters()` order, the same whatever the layout or device (drawn on CPU), so a rank
+        keeps only its own part of each before the next is drawn.
 
         Normal(0, init_std) everywhere, output projections scaled by 1/sqrt(2 * num_layers) (GPT-2) so the
-        residual stream does not grow with depth; norms start at one. Draws on CPU, then copies, so CPU and
-        GPU runs start from the same weights.
+        residual stream does not grow with depth; norms start at one, biases at zero.
         """
         generator = torch.Generator().manual_seed(seed)
         std = self.cfg.init_std
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                continue
-            scale = std / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
-            param.copy_(values)
+                yield name, torch.ones(param.shape)
+            elif name.endswith(".bias"):
+                yield name, torch.zeros(param.shape)
+            else:
+                deep = name.endswith(("wo.weight", "w_down.weight"))
+                scale = std / math.sqrt(2 * self.cfg.num_layers) if deep else std
+                yield name, torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
-    """Build on the meta device (no memory for a multi-billion model yet), then materialise and initialise."""
+    """The whole model on one process, randomly initialised (tests, notebooks). Ranks of a parallel run build
+    on the meta device instead and fill only their shards (lsys.weights)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    with torch.no_grad():
+        for name, values in model.initial_values(seed):
+            model.get_parameter(name).copy_(values)
     return model.to(dtype)
 
 

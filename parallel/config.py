@@ -97,15 +97,19 @@ def sequence_granularity(cp_ring: int, cp_ulysses: int, tp: int = 1, layout: str
 
 
 def check_model_split(*, hidden_size: int, num_heads: int, num_kv_heads: int, ffn_hidden_size: int,
-                      cp_ulysses: int = 1, tp: int = 1) -> None:
+                      head_dim: int = 0, cp_ulysses: int = 1, tp: int = 1) -> None:
     """Raises ValueError naming the config key, the value and the fix when the model's widths cannot be split
     over these degrees (positive numbers): every head dimension must be even for RoPE, grouped-query attention
     shares each KV head among whole query heads, tensor parallelism gives each rank whole query and KV heads
-    and a slice of the feed-forward width, and Ulysses gives each rank whole heads of the ones tp left it."""
-    if hidden_size % num_heads:
+    and a slice of the feed-forward width, and Ulysses gives each rank whole heads of the ones tp left it.
+    `head_dim` 0: hidden_size / num_heads, which must then divide evenly."""
+    if not head_dim and hidden_size % num_heads:
         raise ValueError(f"model.hidden_size={hidden_size}: must be divisible by model.num_heads={num_heads} "
-                         "(hidden_size / num_heads is the head dimension); pick a multiple of the head count")
-    head_dim = hidden_size // num_heads
+                         "(hidden_size / num_heads is the head dimension); pick a multiple of the head count, or "
+                         "set model.head_dim")
+    if head_dim % 2:
+        raise ValueError(f"model.head_dim={head_dim}: must be even for RoPE")
+    head_dim = head_dim or hidden_size // num_heads
     if head_dim % 2:
         raise ValueError(f"model.hidden_size={hidden_size}: head dimension hidden_size/num_heads={head_dim} must be "
                          f"even for RoPE; pick a multiple of 2 x model.num_heads={2 * num_heads}")

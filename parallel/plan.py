@@ -28,6 +28,9 @@ class Split(Enum):
     COLWISE = "colwise"  # output features split: each rank computes its heads / its slice of the width
     ROWWISE = "rowwise"  # input features split; partial sums reduce-scattered along the sequence
     SEQUENCE = "sequence"  # runs on this rank's [B, S/tp, hidden] (norms)
+    # Runs on this rank's heads [B, S, heads/tp, head_dim] (per-head norms): parameters replicated, their
+    # gradients summed over the tensor ranks.
+    HEADS = "heads"
     GATHER_INPUT = "gather_input"  # its first input is all-gathered along the sequence; further inputs are local
     VOCAB_EMBEDDING = "vocab_embedding"  # token embedding split over the vocabulary, output sequence-sharded
     VOCAB_HEAD = "vocab_head"  # output head split over the vocabulary, its logits gathered on every rank
@@ -53,6 +56,10 @@ class BlockPlan:
     # Feeds only the residual add: selective recompute keeps no copy of its output (the recompute stops first).
     final_projection: nn.Module
     tensor_parallel: Mapping[str, TensorSplit]  # module paths relative to `block`
+    # Whether backward reads the q/k/v projections' outputs (e.g. per-head norms between them and attention).
+    # When it does not (only RoPE, whose backward needs its tables alone, lies between), selective recompute
+    # stores no copy of them.
+    projections_read_in_backward: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ Selective is torch's non-reentrant checkpoint with our own selective cache (a pa
 torch's selective-checkpoint contexts are) that knows the block's structure. It keeps matmul outputs that
 backward's recompute reads, and stores none of these:
   - the q/k/v projections: they feed only attention, which is replayed, so the recompute gets zeros of the
-    right shape (RoPE's backward needs only its tables, each projection's backward its input);
+    right shape (RoPE's backward needs only its tables, each projection's backward its input); unless the
+    block's plan says backward reads them (per-head norms between them and attention): then they are kept;
   - the feed-forward's output projection: it feeds only the residual add, and the checkpoint stops
     recomputing once every saved tensor is back, before it is reached.
 With 8-bit stored activations on, the kept outputs and the block's kept input (selective and full) are stored
@@ -188,7 +189,8 @@ def _selective_context_fn(block: BlockPlan, quantizer: BlockQuantizer | None) ->
     attention = _ReplayedAttention(block.attention.attn_fn,
                                    (lambda t: t) if quantizer is None else quantizer.pack_replayed_output)
     block.attention.attn_fn = attention
-    block.attention.register_forward_pre_hook(lambda *_: setattr(attention, "preparing_inputs", True))
+    if not block.projections_read_in_backward:
+        block.attention.register_forward_pre_hook(lambda *_: setattr(attention, "preparing_inputs", True))
     final_projection = _ModuleFlag(block.final_projection)
     return lambda: _SelectiveCache(attention, final_projection, keep).contexts()
 

@@ -6,6 +6,7 @@ Over the mesh's "tp" axis, each module as the model's plan (parallel.plan) split
   own heads (query and KV heads alike, so GQA keeps whole groups on a rank) and its slice of the feed-forward
   width;
 - projections out of them are row-parallel (ROWWISE), their partial sums reduce-scattered along the sequence;
+- per-head norms (Qwen3's q/k norms) run on this rank's heads (HEADS), their weights replicated;
 - norms and residual adds run sequence-parallel (SEQUENCE): each rank holds [B, S/tp, hidden] between blocks,
   and the all-gather to the full sequence happens at the entry of attention and of the feed-forward
   (GATHER_INPUT);
@@ -44,6 +45,8 @@ def _style(entry: TensorSplit) -> ParallelStyle:
         return RowwiseParallel(output_layouts=Shard(1))
     if entry.split is Split.SEQUENCE:
         return SequenceParallel(use_local_output=True)
+    if entry.split is Split.HEADS:
+        return SequenceParallel(sequence_dim=2, use_local_output=True)
     if entry.split is Split.GATHER_INPUT:
         # Only the first input is an activation; the rest (attention's RoPE tables) are local, full-sequence.
         rest = (None,) * (entry.inputs - 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lsys.config import LsysConfig, ffn_hidden_size
+from lsys.config import LsysConfig, ffn_hidden_size, head_dim
 
 BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 PER_LAYER_16BIT = {"none": 34.0, "selective": 34.0, "full": 2.0}  # x s b h / t, scores term dropped
@@ -49,8 +49,12 @@ class AnalyticEstimate:
 
 def parameter_count(cfg: LsysConfig, vocab_size: int) -> int:
     m = cfg.model
-    head_dim = m.hidden_size // m.num_heads
-    attention = m.hidden_size * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    width = head_dim(m)
+    attention = m.hidden_size * width * (2 * m.num_heads + 2 * m.num_kv_heads)
+    if m.attention_bias:
+        attention += width * (m.num_heads + 2 * m.num_kv_heads)
+    if m.qk_norm:
+        attention += 2 * width
     layer = attention + 3 * m.hidden_size * ffn_hidden_size(m) + 2 * m.hidden_size
     heads = 1 if m.tie_embeddings else 2
     return m.num_layers * layer + heads * vocab_size * m.hidden_size + m.hidden_size

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from lsys.config import ModelConfig
-from lsys.model import Transformer, apply_rope, build_model, count_parameters, ffn_hidden_size, rope_tables
+from lsys.config import ModelConfig, RopeScalingConfig
+from lsys.model import Transformer, build_model, count_parameters, ffn_hidden_size
+from lsys.rope import apply_rope, inverse_frequencies, rope_tables
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -60,9 +61,11 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
 def test_rope_depends_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
 
+    inv_freq, _ = inverse_frequencies(16, 10000.0, RopeScalingConfig())
+
     def score(pq: int, pk: int) -> torch.Tensor:
-        cq, sq = rope_tables(torch.tensor([[pq]]), 16, 10000.0, torch.float64)
-        ck, sk = rope_tables(torch.tensor([[pk]]), 16, 10000.0, torch.float64)
+        cq, sq = rope_tables(torch.tensor([[pq]]), inv_freq, dtype=torch.float64)
+        ck, sk = rope_tables(torch.tensor([[pk]]), inv_freq, dtype=torch.float64)
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
 
     torch.testing.assert_close(score(5, 2), score(105, 102))
