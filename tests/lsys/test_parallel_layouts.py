@@ -147,3 +147,12 @@ def test_qwen_style_model_trains_exactly_like_one_rank(tmp_path, one_rank_qwen, 
 def test_qwen_style_model_with_int8_activations(tmp_path, one_rank_qwen):
     result = run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *QWEN, "parallel.tp=2", *INT8))[0]
     _assert_int8_close(result, one_rank_qwen)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_train_exactly_like_one_rank(tmp_path):
+    # One parameter shared by the embedding and the output head, sharded once by FSDP2.
+    tied = ("model.tie_embeddings=true",)
+    reference = run_ranks(losses_and_grads, 1, tiny_config(tmp_path / "ref", *tied))[0]
+    for result in run_ranks(losses_and_grads, 2, tiny_config(tmp_path / "dp2", *tied, "parallel.dp=2")):
+        assert_same_training(result, reference)
