@@ -154,7 +154,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.tie_embeddings()
+
+    def tie_embeddings(self) -> None:
+        """With model.tie_embeddings, make the output head's weight the embedding's (one parameter)."""
+        if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None,
@@ -206,6 +210,8 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    # Materialising gives each module a new parameter of its own, so a tied pair comes back as two.
+    model.tie_embeddings()
     with torch.no_grad():
         for name, values in model.initial_values(seed):
             model.get_parameter(name).copy_(values)

@@ -73,6 +73,10 @@ def _rope_scaling(values: dict, file: str) -> tuple[float, RopeScalingConfig]:
     partial = merged.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise _refuse(file, "partial_rotary_factor", partial, "lsys rotates the whole head")
+    if kind != "default" and merged.get("factor") is None:
+        # lsys's default factor of 1 would silently undo the scaling (transformers derives YaRN's from lengths).
+        raise ValueError(f"{file}: rope_scaling.factor is missing for rope_type={kind!r}; add the checkpoint's "
+                         "factor to its config.json")
     scaling = {"rope_type": _ROPE_TYPES[kind]}
     for key in ROPE_KEYS[1:]:
         if merged.get(key) is not None:

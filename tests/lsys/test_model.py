@@ -124,3 +124,11 @@ def test_chunked_loss_equals_the_whole_and_stores_no_logits(chunk):
     logits = torch.nn.functional.cross_entropy(model(tokens, positions).flatten(0, 1), labels.flatten(),
                                                reduction="none").view(2, 12)
     torch.testing.assert_close(whole, logits, rtol=1e-12, atol=0)
+
+
+def test_tied_embeddings_stay_one_parameter_after_building():
+    # Materialising from the meta device gives each module its own new parameter: the tie must be restored.
+    model = build_model(tiny(tie_embeddings=True), torch.device("cpu"), torch.float32, seed=0)
+    assert model.lm_head.weight is model.embed.weight
+    assert count_parameters(model) == count_parameters(build_model(tiny(), torch.device("cpu"), torch.float32, 0)) \
+        - 50 * 32

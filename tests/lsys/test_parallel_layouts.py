@@ -2,7 +2,8 @@
 
 Each layout runs the same global batch as the single-rank reference: exact (float64, equal up to summation
 order) without savers and with recomputation; with selective recomputation plus int8 stored activations the
-forward stays exact and the gradients are close (int8 storage error).
+forward stays exact and the gradients are close (int8 storage error). A Qwen-style model (biases, per-head
+q/k norms, YaRN) does the same on each axis alone (2 ranks).
 """
 
 from __future__ import annotations
@@ -117,3 +118,41 @@ def test_parameters_and_optimizer_state_are_sharded_over_every_rank(tmp_path, la
     for result in run_ranks(_local_state_numel, 4, tiny_config(tmp_path, *layout)):
         assert result["local"] == result["moments"]
         assert result["total"] / shards <= result["local"] <= 1.2 * result["total"] / shards
+
+
+# A Qwen-style model: q/k/v biases, per-head q/k norms (Split.HEADS under tensor parallelism, kept projections
+# under selective recompute), head_dim apart from hidden / heads, YaRN-scaled RoPE.
+QWEN = ("model.qk_norm=true", "model.attention_bias=true", "model.head_dim=12", "model.rope_scaling.rope_type=yarn",
+        "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=16")
+QWEN_LAYOUTS = {
+    "ring2": ("parallel.cp_ring=2",),
+    "ulysses2": ("parallel.cp_ulysses=2",),
+    "tp2": ("parallel.tp=2",),
+    "dp2": ("parallel.dp=2",),
+    "tp2-selective": ("parallel.tp=2", "recompute.mode=selective"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank_qwen(tmp_path_factory) -> dict[str, Any]:
+    return run_ranks(losses_and_grads, 1, tiny_config(tmp_path_factory.mktemp("ref-qwen"), *QWEN))[0]
+
+
+@pytest.mark.parametrize("layout", list(QWEN_LAYOUTS))
+def test_qwen_style_model_trains_exactly_like_one_rank(tmp_path, one_rank_qwen, layout):
+    for result in run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *QWEN, *QWEN_LAYOUTS[layout])):
+        assert_same_training(result, one_rank_qwen)
+
+
+def test_qwen_style_model_with_int8_activations(tmp_path, one_rank_qwen):
+    result = run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *QWEN, "parallel.tp=2", *INT8))[0]
+    _assert_int8_close(result, one_rank_qwen)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_train_exactly_like_one_rank(tmp_path):
+    # One parameter shared by the embedding and the output head, sharded once by FSDP2.
+    tied = ("model.tie_embeddings=true",)
+    reference = run_ranks(losses_and_grads, 1, tiny_config(tmp_path / "ref", *tied))[0]
+    for result in run_ranks(losses_and_grads, 2, tiny_config(tmp_path / "dp2", *tied, "parallel.dp=2")):
+        assert_same_training(result, reference)

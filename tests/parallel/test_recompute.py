@@ -5,6 +5,8 @@ Context-parallel runs with recomputation are checked against one rank in tests/l
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -144,3 +146,30 @@ def test_each_transform_refuses_to_run_twice():
         apply_recompute(model, plan, RecomputeConfig("full"))
     with pytest.raises(ValueError, match="activation quantization was already applied"):
         apply_activation_quantization(model, plan, QuantConfig("int8"), RecomputeConfig("selective"))
+
+
+QWEN = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12,
+                   attention_bias=True, qk_norm=True)
+
+
+def _qwen_grads(recompute: RecomputeConfig, projections_read: bool | None = None) -> dict:
+    model = build_model(QWEN, torch.device("cpu"), torch.float64, seed=0)
+    plan = model.parallel_plan()
+    if projections_read is not None:
+        plan = dataclasses.replace(plan, blocks=tuple(
+            dataclasses.replace(block, projections_read_in_backward=projections_read) for block in plan.blocks))
+    apply_recompute(model, plan, recompute)
+    tokens = torch.randint(0, QWEN.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    model(tokens, torch.arange(SEQ).expand(BATCH, SEQ)).square().mean().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_selective_keeps_the_projections_per_head_norms_read_in_backward():
+    # Per-head q/k norms sit between the q/k/v projections and attention, so their backward reads the
+    # projections' outputs: the plan says so and selective recompute keeps them. Told otherwise, it would hand
+    # the norms zeros in their place, and their gradients (and everything upstream) would be wrong.
+    want = _qwen_grads(RecomputeConfig())
+    for name, grad in _qwen_grads(RecomputeConfig("selective")).items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-12, atol=1e-14, msg=name)
+    wrong = _qwen_grads(RecomputeConfig("selective"), projections_read=False)
+    assert not torch.allclose(wrong["blocks.0.attn.q_norm.weight"], want["blocks.0.attn.q_norm.weight"])
