@@ -6,10 +6,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from launch import exits, memory_cli, preflight, ray_cli
+
+if TYPE_CHECKING:
+    from lsys.config import LsysConfig
 
 CONFIG_HELP = (
     "CONFIG is a YAML file (see configs/); each OVERRIDE is key=value with a dotted key, e.g. "
@@ -24,6 +29,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train in the foreground on local ranks (gloo on CPU, NCCL on GPU)",
         description="Train a model on N local ranks. " + CONFIG_HELP,
     )
+    _add_rank_arguments(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(handler=_train)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's checkpoint, or a pretrained model, on local ranks without training",
+        description="Evaluate on N local ranks without training, and print the result as one JSON line: the "
+                    "newest usable checkpoint of train.run_dir (with checkpoint.resume, the default), else the "
+                    "weights of model.pretrained. Any length and layout: e.g. a model trained at 4K evaluated at "
+                    "32K over ring ranks. Writes nothing. " + CONFIG_HELP,
+    )
+    _add_rank_arguments(p)
+    p.set_defaults(handler=_eval)
+
+
+def _add_rank_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/demo.yaml")
     p.add_argument("overrides", metavar="OVERRIDE", nargs="*", help="key=value config overrides")
     p.add_argument("--nproc", type=int, default=1,
@@ -31,8 +55,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "sets WORLD_SIZE, leave it at 1: this process is then one rank of that job")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="kill all ranks if the run takes longer than this (default: no limit)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(handler=_train)
 
 
 def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
@@ -61,60 +83,94 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of the commands below; `lsys COMMAND --help` lists its options")
     _add_train(sub)
+    _add_eval(sub)
     ray_cli.add_commands(sub, CONFIG_HELP)
     memory_cli.add_commands(sub, CONFIG_HELP)
     _add_prepare_data(sub)
     return parser
 
 
-def _train(args: argparse.Namespace, console: Console) -> int:
-    from launch.local import RankFailedError, spawn
-    from lsys.config import load_config, save_config, to_dict, to_yaml, validate_for_world
-    from lsys.trainer import train, train_from_dict
+def _config_for_ranks(args: argparse.Namespace) -> tuple[LsysConfig, int, bool]:
+    """`lsys train` / `lsys eval`'s config, world size, and whether another launcher started this process;
+    ValueError for any bad input."""
+    from lsys.config import load_config, validate_for_world
 
     launched_elsewhere = "WORLD_SIZE" in os.environ
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc={args.nproc}: start at least one rank")
+    if launched_elsewhere and args.nproc != 1:
+        raise ValueError(f"--nproc={args.nproc} but WORLD_SIZE is already set by a launcher; drop --nproc")
+    world = int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc
+    validate_for_world(cfg, world)
+    if cfg.optim.offload != "none":
+        raise ValueError(f"optim.offload={cfg.optim.offload}: the optimizer state lives in Ray actors; run it "
+                         "with `lsys submit` (or set optim.offload=none)")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout={args.timeout}: give a positive number of seconds")
+    return cfg, world, launched_elsewhere
+
+
+def _run_ranks(args: argparse.Namespace, console: Console, cfg: LsysConfig, launched_elsewhere: bool,
+               entry: Callable[[LsysConfig], Any], entry_from_dict: Callable[[dict], Any]) -> tuple[int, Any]:
+    """Run `entry` in this process (one rank, or one rank of another launcher's job) or on --nproc local ranks;
+    -> (exit code, rank 0's result)."""
+    from launch.local import RankFailedError, spawn
+    from lsys.config import to_dict
+
+    if launched_elsewhere or args.nproc == 1:
+        return 0, entry(cfg)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.nproc < 1:
-            raise ValueError(f"--nproc={args.nproc}: start at least one rank")
-        if launched_elsewhere and args.nproc != 1:
-            raise ValueError(f"--nproc={args.nproc} but WORLD_SIZE is already set by a launcher; drop --nproc")
-        validate_for_world(cfg, int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc)
-        if cfg.optim.offload != "none":
-            raise ValueError(f"optim.offload={cfg.optim.offload}: the optimizer state lives in Ray actors; run it "
-                             "with `lsys submit` (or set optim.offload=none)")
+        return 0, spawn(entry_from_dict, args.nproc, (to_dict(cfg),), timeout_s=args.timeout)[0]
+    except RankFailedError as exc:
+        console.print(f"[bold red]lsys: rank {exc.rank} failed; all ranks stopped.[/]")
+        print(exc.detail, file=sys.stderr, end="")
+        return 1, None
+    except TimeoutError:
+        console.print(f"[bold red]lsys: --timeout {args.timeout:g} s expired; all ranks stopped.[/] The next run "
+                      f"in {cfg.train.run_dir} resumes from its newest checkpoint", highlight=False)
+        return exits.TIMEOUT, None
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from lsys.config import save_config, to_yaml
+    from lsys.trainer import train, train_from_dict
+
+    try:
+        cfg, world, launched_elsewhere = _config_for_ranks(args)
     except ValueError as exc:
         return exits.invalid_input(console, exc)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     try:
-        if args.timeout is not None and not 0 < args.timeout < float("inf"):
-            raise ValueError(f"--timeout={args.timeout}: give a positive number of seconds")
-        world = int(os.environ["WORLD_SIZE"]) if launched_elsewhere else args.nproc
         preflight.check_run(cfg, world, local_ranks=1 if launched_elsewhere else args.nproc)
     except ValueError as exc:
         return exits.invalid_input(console, exc)
     save_config(cfg, cfg.train.run_dir)
-    if launched_elsewhere or args.nproc == 1:
-        summary = train(cfg)
-    else:
-        try:
-            summary = spawn(train_from_dict, args.nproc, (to_dict(cfg),), timeout_s=args.timeout)[0]
-        except RankFailedError as exc:
-            console.print(f"[bold red]lsys: rank {exc.rank} failed; all ranks stopped.[/]")
-            print(exc.detail, file=sys.stderr, end="")
-            return 1
-        except TimeoutError:
-            console.print(f"[bold red]lsys: --timeout {args.timeout:g} s expired; all ranks stopped.[/] The next run "
-                          f"in {cfg.train.run_dir} resumes from its newest checkpoint", highlight=False)
-            return exits.TIMEOUT
+    code, summary = _run_ranks(args, console, cfg, launched_elsewhere, train, train_from_dict)
+    if code:
+        return code
     if summary is not None and summary.get("stopped"):
         return exits.NONFINITE  # rank 0 has said why
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         for record in summary["evals"][-1:]:
             console.print("final eval: " + json.dumps(record))
     return 0
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    from lsys.trainer import evaluate, evaluate_from_dict
+
+    try:
+        cfg, world, launched_elsewhere = _config_for_ranks(args)
+        preflight.check_evaluation(cfg, world, local_ranks=1 if launched_elsewhere else args.nproc)
+    except ValueError as exc:
+        return exits.invalid_input(console, exc)
+    code, result = _run_ranks(args, console, cfg, launched_elsewhere, evaluate, evaluate_from_dict)
+    if not code and result is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return code
 
 
 def _prepare_data(args: argparse.Namespace, console: Console) -> int:

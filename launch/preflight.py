@@ -73,6 +73,22 @@ def check_run(cfg: LsysConfig, world_size: int, local_ranks: int) -> None:
         check_resume(cfg, world_size, vocab)
 
 
+def check_evaluation(cfg: LsysConfig, world_size: int, local_ranks: int) -> None:
+    """What `lsys eval` needs: its data, memory, and something trained to evaluate (a checkpoint it can load,
+    or model.pretrained)."""
+    from lsys.checkpoint import checkpoint_root
+    from lsys.checkpoint_verify import checkpoints_by_step
+
+    vocab = check_inputs(cfg, world_size, local_ranks)
+    found = cfg.checkpoint.resume and checkpoints_by_step(checkpoint_root(cfg.train.run_dir))
+    if found:
+        check_resume(cfg, world_size, vocab)
+    elif not cfg.model.pretrained:
+        raise ValueError(f"train.run_dir={cfg.train.run_dir!r}: no checkpoint to evaluate, and no model.pretrained; "
+                         "point train.run_dir at a trained run, or set model.pretrained to a HuggingFace model "
+                         "directory")
+
+
 def check_inputs(cfg: LsysConfig, world_size: int, local_ranks: int) -> int:
     """The data and memory of a run on this machine (what `lsys profile` needs too: it uses no run directory);
     returns the model's vocabulary size."""

@@ -298,8 +298,25 @@ def train(cfg: LsysConfig, optimizer_store: OptimizerStore | None = None) -> dic
         return Trainer(cfg, session, optimizer_store).run()
 
 
+def evaluate(cfg: LsysConfig) -> dict[str, Any]:
+    """Evaluate on this rank without training (`lsys eval`): the run directory's newest usable checkpoint when
+    checkpoint.resume finds one, else the initial weights (model.pretrained's); returns {"step", "split", loss,
+    the task's metric}. Writes nothing."""
+    with distributed_session(cfg.train.device, cfg.train.collective_timeout_s) as session:
+        validate_for_world(cfg, session.world_size)
+        trainer = Trainer(cfg, session)
+        step = trainer._resume()
+        return {"step": step, "split": "valid", "seq_len": cfg.data.seq_len, **trainer.evaluate()}
+
+
 def train_from_dict(values: dict[str, Any]) -> dict[str, Any]:
     """Entry point for spawned ranks: configs travel as plain dicts."""
     from lsys.config import config_from_dict
 
     return train(config_from_dict(values))
+
+
+def evaluate_from_dict(values: dict[str, Any]) -> dict[str, Any]:
+    from lsys.config import config_from_dict
+
+    return evaluate(config_from_dict(values))

@@ -88,6 +88,8 @@ DS = ("dataset",)  # the case starts from a copy of a good dataset in {w}/data
 CASES = [
     # -- config files --------------------------------------------------------------------------------------------
     Case("config-missing", ["train", "{w}/nope.yaml"], "nope.yaml"),
+    Case("eval-nothing-trained", ["eval", "configs/demo.yaml", "parallel.dp=1", "parallel.cp_ring=1",
+                                  "train.run_dir={w}/empty"], "no checkpoint to evaluate"),
     Case("config-is-a-directory", ["train", "{w}/cfg"], "cfg", _mkdir("cfg")),
     Case("config-yaml-syntax", ["train", "{w}/c.yaml"], "c.yaml:3", _write("c.yaml", "model:\n  hidden_size: [\n")),
     Case("config-yaml-list", ["train", "{w}/c.yaml"], "c.yaml", _write("c.yaml", "- model\n- data\n")),

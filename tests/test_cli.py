@@ -11,7 +11,7 @@ from launch.cli import build_parser, main
 from tests.commands import TINY, lsys
 
 COMMANDS = [[], ["train"], ["submit"], ["jobs"], ["jobs", "list"], ["jobs", "logs"], ["jobs", "stop"], ["cluster"],
-            ["cluster", "start"], ["prepare-data"], ["profile"], ["plan"]]
+            ["cluster", "start"], ["prepare-data"], ["profile"], ["plan"], ["eval"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda words: "-".join(words) or "lsys")
@@ -81,6 +81,25 @@ def test_two_rank_context_parallel_run_writes_metrics_config_and_checkpoints(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["end_step"] == 4 and len(summary["losses"]) == 4
+
+
+def test_eval_reports_a_checkpoint_at_another_length_and_layout_and_writes_nothing(tmp_path):
+    trained = lsys("train", "configs/demo.yaml", *TINY, "parallel.dp=1", "parallel.cp_ring=1",
+                   f"train.run_dir={tmp_path}")
+    assert trained.returncode == 0, trained.stderr
+    final = json.loads(trained.stderr.split("final eval: ")[1].splitlines()[0])
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    same = lsys("eval", "configs/demo.yaml", *TINY, "parallel.dp=1", "parallel.cp_ring=1", f"train.run_dir={tmp_path}")
+    assert same.returncode == 0, same.stderr
+    result = json.loads(same.stdout.strip().splitlines()[-1])
+    assert result["step"] == 4 and result["seq_len"] == final.get("seq_len", result["seq_len"])
+    assert result["loss"] == pytest.approx(final["loss"], rel=1e-9)  # the same weights, samples and length
+    longer = lsys("eval", "configs/demo.yaml", "--nproc", "2", *TINY, "parallel.dp=1", "data.seq_len=128",
+                  f"train.run_dir={tmp_path}")
+    assert longer.returncode == 0, longer.stderr
+    result = json.loads(longer.stdout.strip().splitlines()[-1])
+    assert result["step"] == 4 and result["seq_len"] == 128 and 0.0 <= result["passkey_accuracy"] <= 1.0
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_timeout_stops_every_rank_with_a_clear_line(tmp_path):
