@@ -90,9 +90,13 @@ def check_evaluation(cfg: LsysConfig, world_size: int, local_ranks: int) -> None
 
 
 def check_inputs(cfg: LsysConfig, world_size: int, local_ranks: int) -> int:
-    """The data and memory of a run on this machine (what `lsys profile` needs too: it uses no run directory);
-    returns the model's vocabulary size."""
+    """The data, pretrained weights and memory of a run on this machine (what `lsys profile` needs too: it uses no
+    run directory); returns the model's vocabulary size."""
     vocab = _vocabulary(cfg)
+    if cfg.model.pretrained:
+        from lsys.hf.checkpoint import match_checkpoint
+
+        match_checkpoint(cfg.model, cfg.model.pretrained)  # from the safetensors headers; no tensor is read
     if _device(cfg) == "cpu":
         check_memory(cfg, world_size, local_ranks, vocab)
     return vocab

@@ -300,6 +300,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg: LsysConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _config_error(exc, str(path) if path else "overrides") from None
+    # The checkpoint's architecture, so the CLI and every rank validate and build what model.pretrained holds.
+    from lsys.hf.config import resolve_pretrained  # it imports this module
+
+    cfg = resolve_pretrained(cfg)
     validate(cfg)
     return cfg
 

@@ -154,10 +154,12 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_embeddings()
+        self.tie_weights()
 
-    def tie_embeddings(self) -> None:
-        """With model.tie_embeddings, make the output head's weight the embedding's (one parameter)."""
+    def tie_weights(self) -> None:
+        """With model.tie_embeddings the head is the embedding's parameter. Again after `to_empty`: moving off the
+        meta device gives every module its own new parameter, which would untie them. The embedding keeps its
+        own (FSDP2 manages a shared parameter through the first module that holds it, the embedding)."""
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -210,8 +212,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    # Materialising gives each module a new parameter of its own, so a tied pair comes back as two.
-    model.tie_embeddings()
+    model.tie_weights()
     with torch.no_grad():
         for name, values in model.initial_values(seed):
             model.get_parameter(name).copy_(values)

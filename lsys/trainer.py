@@ -25,11 +25,12 @@ from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, sel
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, build_task, model_vocabulary, task_options
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
-from lsys.model import build_model, count_parameters
+from lsys.model import Transformer, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
 from lsys.sharding import gather_sequence, shard_batch
 from lsys.step import StepWork, torch_dtype
+from lsys.weights import materialize
 from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
 
@@ -96,8 +97,11 @@ class Trainer:
         self.mesh = build_mesh(cfg.parallel, self.device.type)
         self.task = build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg))
         self.model_cfg = replace(cfg.model, vocab_size=model_vocabulary(cfg, self.task.vocab_size))
-        self.model = build_model(self.model_cfg, self.device, torch_dtype(cfg.train.param_dtype), cfg.train.seed)
+        # Built without memory, parallelized, then each rank fills only its shards (lsys.weights).
+        with torch.device("meta"):
+            self.model = Transformer(self.model_cfg).to(torch_dtype(cfg.train.param_dtype))
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
+        materialize(self.model, self.device, seed=cfg.train.seed, pretrained=self.model_cfg.pretrained)
         self.optimizer = build_optimizer(cfg, self.model, optimizer_store)
         self.work = StepWork(cfg, self.model, self.optimizer, self.device)
         local_batch = cfg.train.global_batch_size // self.mesh.dp_size

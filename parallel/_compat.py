@@ -62,6 +62,9 @@ _ShardingPropagator = _private("torch.distributed.tensor._sharding_prop", "Shard
 PROFILER_ALLOCATION = _private("torch._C._profiler", "_EventType").Allocation
 _current_graph_task_id = _private("torch._C", "_current_graph_task_id")
 _flatten = _attribute(_private("torch.distributed.device_mesh", "DeviceMesh"), "_flatten")
+# Where a DTensor's local shard sits in its global tensor (what DCP plans reads with), any placements, FSDP2's
+# strided sharding over tensor parallelism included.
+_local_shape_and_global_offset = _private("torch.distributed.tensor._utils", "compute_local_shape_and_global_offset")
 # CUDA's allocator history, for the memory viewer (https://pytorch.org/memory_viz).
 _record_memory_history = _private("torch.cuda.memory", "_record_memory_history")
 _dump_snapshot = _private("torch.cuda.memory", "_dump_snapshot")
@@ -81,6 +84,11 @@ def flatten_mesh(mesh: Any, name: str) -> Any:
     """One mesh axis `name` over all of `mesh`'s axes (a sub-mesh, e.g. `mesh["dp", "cp_ring"]`), whose process
     group spans them; DeviceMesh has no public way to make one."""
     return _flatten(mesh, name)
+
+
+def shard_position(param: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's shard of the DTensor `param`."""
+    return _local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
 
 
 @contextlib.contextmanager

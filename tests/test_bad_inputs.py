@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.cli import main
 from lsys.data import prepare_text_dataset
 from tests.commands import TINY
+from tests.hf.checkpoints import write_checkpoint
 
 TRAIN = ["train", "configs/demo.yaml", *TINY, "parallel.dp=1", "parallel.cp_ring=1"]
 RUN = "train.run_dir={w}/run"
@@ -81,9 +83,28 @@ def _mkdir(name: str) -> Callable[[Path], None]:
     return lambda w: (w / name).mkdir(parents=True)
 
 
+def _rewrite_tensor(name: str, shape: tuple[int, ...] | None) -> Callable[[Path], None]:
+    """The tiny checkpoint's tensor `name` given another shape, or removed (None)."""
+    def setup(w: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        file = w / "hf" / HF_FILE
+        tensors = load_file(str(file))
+        if shape is None:
+            del tensors[name]
+        else:
+            tensors[name] = torch.zeros(shape)
+        save_file(tensors, str(file))
+    return setup
+
+
 DATA = ["data.task=text", "data.text.path={w}/data/corpus", "model.vocab_size=0"]
 TEXT = [*TRAIN, *DATA, RUN]
 DS = ("dataset",)  # the case starts from a copy of a good dataset in {w}/data
+HF = ("pretrained",)  # ... of a tiny HuggingFace checkpoint of TRAIN's model in {w}/hf
+HF_FILE = "model-00001-of-00001.safetensors"
+FIXTURE_DIRS = {"dataset": "data", "checkpoint": "run", "pretrained": "hf"}
+PRETRAINED = [*TRAIN, "model.pretrained={w}/hf", RUN]
 
 CASES = [
     # -- config files --------------------------------------------------------------------------------------------
@@ -209,6 +230,17 @@ CASES = [
     Case("jobs-status-unknown", ["jobs", "status", "lsys-nothing-20260101-000000"], "lsys-nothing"),
     Case("jobs-stop-unknown", ["jobs", "stop", "lsys-nothing-20260101-000000"], "lsys-nothing"),
     Case("cluster-start-nodes-zero", ["cluster", "start", "--nodes", "0"], "--nodes"),
+    # -- pretrained weights ------------------------------------------------------------------------------------
+    Case("pretrained-missing-directory", [*TRAIN, "model.pretrained={w}/none", RUN], "{w}/none"),
+    Case("pretrained-no-config-json", PRETRAINED, "config.json", _mkdir("hf")),
+    Case("pretrained-unsupported-model-type", PRETRAINED, "model_type='gpt2'",
+         _edit_json("hf/config.json", model_type="gpt2"), fixtures=HF),
+    Case("pretrained-no-safetensors", PRETRAINED, "no *.safetensors", lambda w: (w / "hf" / HF_FILE).unlink(),
+         fixtures=HF),
+    Case("pretrained-missing-tensor", PRETRAINED, "model.layers.0.mlp.up_proj.weight",
+         _rewrite_tensor("model.layers.0.mlp.up_proj.weight", None), fixtures=HF),
+    Case("pretrained-wrong-shape", PRETRAINED, "model.norm.weight has shape [31]",
+         _rewrite_tensor("model.norm.weight", (31,)), fixtures=HF),
     # -- checkpoints -------------------------------------------------------------------------------------------
     Case("checkpoint-of-another-shape", [*TRAIN, "model.hidden_size=64", RUN], "hidden_size",
          fixtures=("checkpoint",)),
@@ -247,6 +279,16 @@ def checkpoint(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny HuggingFace checkpoint (config.json, one safetensors file) of TRAIN's model shape."""
+    root = tmp_path_factory.mktemp("pretrained") / "hf"
+    write_checkpoint(root, {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 96,
+                            "max_position_embeddings": 64}, files=1, index=False)
+    return root
+
+
 @contextlib.contextmanager
 def read_only_mount(directory: Path) -> Iterator[None]:
     """`directory` becomes an empty read-only tmpfs (root only; skips the test where mounting is not allowed)."""
@@ -282,7 +324,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, capsys, reque
     w = tmp_path / "w"
     w.mkdir(exist_ok=True)
     for name in case.fixtures:
-        shutil.copytree(request.getfixturevalue(name), w / {"dataset": "data", "checkpoint": "run"}[name])
+        shutil.copytree(request.getfixturevalue(name), w / FIXTURE_DIRS[name])
     if case.setup is not None:
         case.setup(w)
     with read_only_mount(w / case.read_only) if case.read_only else contextlib.nullcontext():

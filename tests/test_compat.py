@@ -22,6 +22,20 @@ def test_torch_fence_resolves_and_names_what_is_missing():
         _compat._attribute(torch.UntypedStorage, "no_such_method")
 
 
+def test_shard_position_of_a_dtensor(tmp_path):
+    # One rank: a Shard(0) DTensor's shard is the whole tensor, at offset 0.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        param = distribute_tensor(torch.zeros(6, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert _compat.shard_position(param) == ((6, 4), (0, 0))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_kernels_private_operators_exist():
     # kernels/attention.py calls them directly: kernels/ sits below the fence.
     assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
