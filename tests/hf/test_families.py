@@ -1,5 +1,5 @@
 """Each family lsys reads gives transformers' logits: a tiny random model built with transformers, saved with
-save_pretrained, read back through lsys.hf (config.json -> ModelConfig, tensor names) into lsys's model.
+save_pretrained, loaded with lsys.hf.load_pretrained (config.json -> ModelConfig, the safetensors into the shards).
 
 Positions start past 1e5, where RoPE's precision matters most. Two things are made equal on the transformers
 side so that what is compared is the model, not known rounding: its rotary embedding forms the angles
@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -27,9 +26,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lsys.hf.config import model_config_from_hf, read_config_json
-from lsys.hf.names import lsys_name
-from lsys.model import Transformer, build_model
+from lsys.hf import load_pretrained
+from lsys.model import Transformer
 
 SEQ, BATCH, OFFSET = 16, 2, 100_003
 SHAPE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -87,19 +85,7 @@ def _hf_model(family: str, rope: dict[str, Any] | None, directory) -> torch.nn.M
 
 
 def _lsys_model(directory, dtype: torch.dtype) -> Transformer:
-    cfg = model_config_from_hf(read_config_json(directory), pretrained=str(directory))
-    model = build_model(cfg, torch.device("cpu"), dtype, seed=0)
-    # A local stand-in for the sharded loader: copy each tensor by name, and check every parameter got one.
-    parameters = dict(model.named_parameters())
-    copied = set()
-    with torch.no_grad():
-        for name, tensor in load_file(directory / "model.safetensors").items():
-            ours = lsys_name(name)
-            assert ours is not None, name
-            parameters[ours].copy_(tensor)
-            copied.add(ours)
-    assert copied == set(parameters)
-    return model.eval()
+    return load_pretrained(directory, dtype).eval()
 
 
 def _max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
