@@ -80,7 +80,7 @@ class ExportPlan:
     out: Path
     dtype: str
     config: dict[str, Any]
-    generation_config: dict[str, Any]
+    generation_config: dict[str, Any]  # written unless `copies` brings the pretrained one
     shards: Shards  # one tuple per safetensors file
     copies: dict[str, Path]  # file name in the output -> the file copied there
 
@@ -148,11 +148,15 @@ def _run_config(path: Path, manifest: dict[str, Any]) -> LsysConfig:
     return cfg
 
 
-def _tensors(path: Path, cfg: LsysConfig) -> list[ExportedTensor]:
+def checkpoint_entries(path: Path) -> dict[str, Any]:
+    """What the checkpoint holds, by key (`model.<name>`, optimizer state, progress), from its `.metadata`."""
+    with (path / DCP_METADATA).open("rb") as f:
+        return load_dcp_metadata(f, path / DCP_METADATA).state_dict_metadata
+
+
+def _tensors(path: Path, stored: dict[str, Any], cfg: LsysConfig) -> list[ExportedTensor]:
     """The model's parameters in its own order (a tied head once, as the embedding), as the checkpoint holds
     them; the optimizer's state is not exported."""
-    with (path / DCP_METADATA).open("rb") as f:
-        stored = load_dcp_metadata(f, path / DCP_METADATA).state_dict_metadata
     with torch.device("meta"):
         model = Transformer(cfg.model)
     tensors = []
@@ -164,6 +168,22 @@ def _tensors(path: Path, cfg: LsysConfig) -> list[ExportedTensor]:
                              "the checkpoint does not match its manifest's model")
         tensors.append(ExportedTensor(name, hf_name(name), entry.size, entry.properties.dtype))
     return tensors
+
+
+def _untie_if_trained_apart(path: Path, stored: dict[str, Any], cfg: LsysConfig) -> LsysConfig:
+    """`cfg` with tie_embeddings off when the checkpoint's output head differs from its embedding. A tied model
+    materialised from the meta device gets two parameters (`nn.Module.to_empty` does not keep the sharing), so
+    such runs train a separate head; exporting either tensor for both would not be the model that was trained."""
+    if not cfg.model.tie_embeddings:
+        return cfg
+    names = ("embed.weight", "lm_head.weight")
+    if not all(isinstance(stored.get(f"model.{n}"), TensorStorageMetadata) for n in names):
+        return cfg
+    specs = {n: (stored[f"model.{n}"].size, stored[f"model.{n}"].properties.dtype) for n in names}
+    loaded = read_model_tensors(path, specs)
+    if torch.equal(*loaded.values()):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=False))
 
 
 def _shards(tensors: list[ExportedTensor], dtype: torch.dtype, max_bytes: int) -> Shards:
@@ -198,15 +218,16 @@ def _tokenizer_files(cfg: LsysConfig) -> dict[str, Path]:
     return {}
 
 
-def _generation_config(cfg: LsysConfig, config: dict[str, Any]) -> dict[str, Any]:
-    if cfg.model.pretrained:
-        path = Path(cfg.model.pretrained) / GENERATION_FILE
-        if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}: cannot be read as JSON ({exc}); restore the file") from None
-    return {key: config[key] for key in _TOKEN_IDS if config.get(key) is not None}
+def _generation_file(cfg: LsysConfig) -> dict[str, Path]:
+    """The pretrained directory's generation_config.json, to copy as it is, if it has a readable one."""
+    path = Path(cfg.model.pretrained) / GENERATION_FILE
+    if not cfg.model.pretrained or not path.is_file():
+        return {}
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot be read as JSON ({exc}); restore the file") from None
+    return {GENERATION_FILE: path}
 
 
 def _check_out(out: Path) -> None:
@@ -242,11 +263,15 @@ def plan_export(run_dir: str | Path, out_dir: str | Path, step: int | None = Non
     if dtype is None:
         named = (base or {}).get("torch_dtype") or (base or {}).get("dtype")
         dtype = named if named in EXPORT_DTYPES else cfg.train.param_dtype
+    stored = checkpoint_entries(path)
+    cfg = _untie_if_trained_apart(path, stored, cfg)
     config = hf_config(cfg.model, base, cfg.data.seq_len, dtype)
-    tensors = _tensors(path, cfg)
+    tensors = _tensors(path, stored, cfg)
+    # Without a pretrained generation config, transformers' own rule: the token ids of config.json.
+    generation = {key: config[key] for key in _TOKEN_IDS if config.get(key) is not None}
     return ExportPlan(checkpoint=path, step=manifest["step"], out=out, dtype=dtype, config=config,
-                      generation_config=_generation_config(cfg, config),
-                      shards=_shards(tensors, EXPORT_DTYPES[dtype], max_bytes), copies=_tokenizer_files(cfg))
+                      generation_config=generation, shards=_shards(tensors, EXPORT_DTYPES[dtype], max_bytes),
+                      copies={**_tokenizer_files(cfg), **_generation_file(cfg)})
 
 
 # -- writing -------------------------------------------------------------------------------------------------
@@ -276,7 +301,8 @@ def write_export(plan: ExportPlan) -> dict[str, Any]:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(tmp / INDEX_FILE, index)
         _write_json(tmp / CONFIG_FILE, plan.config)
-        _write_json(tmp / GENERATION_FILE, plan.generation_config)
+        if GENERATION_FILE not in plan.copies:
+            _write_json(tmp / GENERATION_FILE, plan.generation_config)
         for name, source in plan.copies.items():
             shutil.copyfile(source, tmp / name)
         tmp.replace(plan.out)  # an empty OUT is replaced too
@@ -284,4 +310,4 @@ def write_export(plan: ExportPlan) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(plan.out), "checkpoint": str(plan.checkpoint), "step": plan.step, "dtype": plan.dtype,
-            "files": len(plan.shards), "total_bytes": total, "tokenizer_files": sorted(plan.copies)}
+            "files": len(plan.shards), "total_bytes": total, "copied": sorted(plan.copies)}
