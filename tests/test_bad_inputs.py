@@ -84,6 +84,7 @@ def _mkdir(name: str) -> Callable[[Path], None]:
 DATA = ["data.task=text", "data.text.path={w}/data/corpus", "model.vocab_size=0"]
 TEXT = [*TRAIN, *DATA, RUN]
 DS = ("dataset",)  # the case starts from a copy of a good dataset in {w}/data
+CK = ("checkpoint",)  # ... of a finished one-step run in {w}/run
 
 CASES = [
     # -- config files --------------------------------------------------------------------------------------------
@@ -207,6 +208,20 @@ CASES = [
     Case("jobs-status-unknown", ["jobs", "status", "lsys-nothing-20260101-000000"], "lsys-nothing"),
     Case("jobs-stop-unknown", ["jobs", "stop", "lsys-nothing-20260101-000000"], "lsys-nothing"),
     Case("cluster-start-nodes-zero", ["cluster", "start", "--nodes", "0"], "--nodes"),
+    # -- export ------------------------------------------------------------------------------------------------
+    Case("export-run-dir-missing", ["export", "{w}/none", "{w}/hf"], "{w}/none"),
+    Case("export-no-checkpoint", ["export", "{w}/run", "{w}/hf"], "no checkpoint", _mkdir("run/checkpoints")),
+    Case("export-step-missing", ["export", "{w}/run", "{w}/hf", "--step", "7"], "--step 7", fixtures=CK),
+    Case("export-step-zero", ["export", "{w}/run", "{w}/hf", "--step", "0"], "--step 0", fixtures=CK),
+    Case("export-damaged-checkpoint", ["export", "{w}/run", "{w}/hf"], "truncated",
+         _truncate("run/checkpoints/step_00000001/__0_0.distcp", 10), fixtures=CK),
+    Case("export-dtype-unknown", ["export", "{w}/run", "{w}/hf", "--dtype", "int8"], "--dtype int8", fixtures=CK),
+    Case("export-shard-size", ["export", "{w}/run", "{w}/hf", "--max-shard-size", "5 parsecs"], "--max-shard-size",
+         fixtures=CK),
+    Case("export-out-not-empty", ["export", "{w}/run", "{w}/hf"], "{w}/hf", _write("hf/keep.txt", "x\n"),
+         fixtures=CK),
+    Case("export-out-under-a-file", ["export", "{w}/run", "{w}/file/hf"], "file", _write("file", "x\n"),
+         fixtures=CK),
     # -- checkpoints -------------------------------------------------------------------------------------------
     Case("checkpoint-of-another-shape", [*TRAIN, "model.hidden_size=64", RUN], "hidden_size",
          fixtures=("checkpoint",)),
