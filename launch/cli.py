@@ -48,6 +48,9 @@ def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", metavar="OUT", help="output prefix (writes OUT.bin, OUT.idx, OUT.json)")
     p.add_argument("--tokenizer", metavar="TOKENIZER_JSON", default=None,
                    help="a local HuggingFace tokenizer.json (default: byte-level, 256 bytes + end-of-document)")
+    p.add_argument("--pretrained", metavar="MODEL_DIR", default=None,
+                   help="a local HuggingFace model directory (model.pretrained): without --tokenizer, its "
+                        "tokenizer.json, documents ending with its config.json's eos_token_id")
     p.add_argument("--no-eod", action="store_true", help="do not append an end-of-document token to each document")
     p.set_defaults(handler=_prepare_data)
 
@@ -143,7 +146,8 @@ def _prepare_data(args: argparse.Namespace, console: Console) -> int:
     from lsys.data import prepare_text_dataset
 
     try:
-        stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod)
+        stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod,
+                                     pretrained=args.pretrained)
     except (ValueError, FileNotFoundError) as exc:
         return exits.invalid_input(console, exc)
     console.print(json.dumps(stats, indent=2))

@@ -81,6 +81,23 @@ def _mkdir(name: str) -> Callable[[Path], None]:
     return lambda w: (w / name).mkdir(parents=True)
 
 
+def _pretrained(name: str, eod: bool = True, **config) -> Callable[[Path], None]:
+    """A HuggingFace model directory's config.json (TRAIN's model shape) and tokenizer.json (EOD `</s>` if
+    `eod`); `config` overrides config.json's keys."""
+    def setup(w: Path) -> None:
+        from tokenizers import Tokenizer, models
+
+        (w / name).mkdir(parents=True)
+        tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "words": 2}, unk_token="<unk>"))
+        if eod:
+            tok.add_special_tokens(["</s>"])
+        tok.save(str(w / name / "tokenizer.json"))
+        values = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128, **config}
+        (w / name / "config.json").write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+    return setup
+
+
 DATA = ["data.task=text", "data.text.path={w}/data/corpus", "model.vocab_size=0"]
 TEXT = [*TRAIN, *DATA, RUN]
 DS = ("dataset",)  # the case starts from a copy of a good dataset in {w}/data
@@ -180,6 +197,14 @@ CASES = [
          "tok", _both(_write("in.txt", "words\n"), _mkdir("tok"))),
     Case("prepare-output-under-a-file", ["prepare-data", "{w}/in.txt", "{w}/file/c"], "file",
          _both(_write("in.txt", "words\n"), _write("file", "x\n"))),
+    Case("prepare-pretrained-no-tokenizer", ["prepare-data", "{w}/in.txt", "{w}/out/c", "--pretrained", "{w}/pre"],
+         "--pretrained {w}/pre", _both(_write("in.txt", "words\n"), _mkdir("pre"))),
+    Case("prepare-pretrained-no-eod", ["prepare-data", "{w}/in.txt", "{w}/out/c", "--pretrained", "{w}/pre"],
+         "pre/tokenizer.json", _both(_write("in.txt", "words\n"), _pretrained("pre", eod=False))),
+    Case("prepare-pretrained-eos-outside", ["prepare-data", "{w}/in.txt", "{w}/out/c", "--pretrained", "{w}/pre"],
+         "eos_token_id=999", _both(_write("in.txt", "words\n"), _pretrained("pre", eos_token_id=999))),
+    Case("text-pretrained-vocab-below-data", [*TEXT, "model.pretrained={w}/pre"], "model.pretrained={w}/pre",
+         _pretrained("pre"), fixtures=DS),
     # -- profile and plan --------------------------------------------------------------------------------------
     Case("profile-steps-zero", ["profile", "configs/demo.yaml", *TINY, "--out", "{w}/p", "--steps", "0"], "--steps"),
     Case("profile-offload", ["profile", "configs/demo.yaml", *TINY, "--out", "{w}/p", "optim.offload=cpu"],

@@ -200,7 +200,7 @@ def _shards(tensors: list[ExportedTensor], dtype: torch.dtype, max_bytes: int) -
     return tuple(tuple(shard) for shard in shards)
 
 
-def _tokenizer_files(cfg: LsysConfig) -> dict[str, Path]:
+def tokenizer_files(cfg: LsysConfig) -> dict[str, Path]:
     """The pretrained directory's tokenizer files, or the tokenizer.json a text run's dataset was made with."""
     if cfg.model.pretrained:
         directory = Path(cfg.model.pretrained)
@@ -271,7 +271,7 @@ def plan_export(run_dir: str | Path, out_dir: str | Path, step: int | None = Non
     generation = {key: config[key] for key in _TOKEN_IDS if config.get(key) is not None}
     return ExportPlan(checkpoint=path, step=manifest["step"], out=out, dtype=dtype, config=config,
                       generation_config=generation, shards=_shards(tensors, EXPORT_DTYPES[dtype], max_bytes),
-                      copies={**_tokenizer_files(cfg), **_generation_file(cfg)})
+                      copies={**tokenizer_files(cfg), **_generation_file(cfg)})
 
 
 # -- writing -------------------------------------------------------------------------------------------------
