@@ -30,15 +30,18 @@ MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "mod
 FLOAT64 = ["train.param_dtype=float64", "train.compute_dtype=float64"]
 YARN = ["model.tie_embeddings=true", "model.rope_scaling.rope_type=yarn", "model.rope_scaling.factor=4",
         "model.rope_scaling.original_max_position_embeddings=16"]
-LAYOUTS = {"dp": ["parallel.dp=2", "parallel.cp_ring=1"], "ring": ["parallel.dp=1", "parallel.cp_ring=2"]}
+# FSDP2 shards over data and context ranks alike; tensor parallelism splits the weights another way.
+LAYOUTS = {"dp": ["parallel.dp=2", "parallel.cp_ring=1"],
+           "tp": ["parallel.dp=1", "parallel.cp_ring=1", "parallel.tp=2"],
+           "ring": ["parallel.dp=1", "parallel.cp_ring=2"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Run directories: the same float64 training on two layouts, and a float32 one with tied embeddings and
-    YaRN scaling."""
+    """Run directories: the same float64 training on data and on tensor parallelism, and a float32 one on a
+    ring with tied embeddings and YaRN scaling."""
     root = tmp_path_factory.mktemp("runs")
-    specs = {"dp": [*LAYOUTS["dp"], *FLOAT64], "ring": [*LAYOUTS["ring"], *FLOAT64], "yarn": [*LAYOUTS["ring"], *YARN]}
+    specs = {"dp": [*LAYOUTS["dp"], *FLOAT64], "tp": [*LAYOUTS["tp"], *FLOAT64], "yarn": [*LAYOUTS["ring"], *YARN]}
     for name, overrides in specs.items():
         assert main(["train", "configs/demo.yaml", *MODEL, *overrides, f"train.run_dir={root / name}",
                      "--nproc", "2"]) == 0
@@ -93,7 +96,7 @@ def test_transformers_reproduces_lsys_logits_from_sharded_files(runs, tmp_path):
 def test_layouts_export_the_same_bytes(runs, tmp_path):
     # The two float64 runs agree to round-off (the trainer's tests); float32 rounding hides it bit for bit.
     a = _export(runs["dp"], tmp_path / "a", "--dtype", "float32")
-    b = _export(runs["ring"], tmp_path / "b", "--dtype", "float32")
+    b = _export(runs["tp"], tmp_path / "b", "--dtype", "float32")
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
@@ -197,7 +200,7 @@ def test_pretrained_config_changed_since_training_is_refused(runs, tmp_path):
 
 
 def test_step_and_generation_config_without_pretrained(runs, tmp_path):
-    plan = plan_export(runs["ring"], tmp_path / "hf", step=2)
+    plan = plan_export(runs["tp"], tmp_path / "hf", step=2)
     assert plan.step == 2 and plan.dtype == "float64" and plan.generation_config == {} and plan.copies == {}
     write_export(plan)
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {}
