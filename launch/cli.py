@@ -70,8 +70,32 @@ def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", metavar="OUT", help="output prefix (writes OUT.bin, OUT.idx, OUT.json)")
     p.add_argument("--tokenizer", metavar="TOKENIZER_JSON", default=None,
                    help="a local HuggingFace tokenizer.json (default: byte-level, 256 bytes + end-of-document)")
+    p.add_argument("--pretrained", metavar="MODEL_DIR", default=None,
+                   help="a local HuggingFace model directory (model.pretrained): without --tokenizer, its "
+                        "tokenizer.json, documents ending with its config.json's eos_token_id")
     p.add_argument("--no-eod", action="store_true", help="do not append an end-of-document token to each document")
     p.set_defaults(handler=_prepare_data)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from lsys.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's checkpoint as a HuggingFace model directory (transformers' from_pretrained)",
+        description="Write a run's checkpoint (the newest that verifies, or --step N) as a HuggingFace model "
+                    "directory: config.json, model-*.safetensors with their index, generation_config.json and the "
+                    "tokenizer files of model.pretrained (or of a text run's dataset). Any layout's checkpoint; "
+                    "one output file's tensors in memory at a time.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the train.run_dir of a run with checkpoints")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the directory to create (must not exist, or be empty)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest verified)")
+    p.add_argument("--dtype", default=None, metavar="|".join(EXPORT_DTYPES),
+                   help="the weights' dtype (default: the pretrained config's, else train.param_dtype)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                   help=f"largest safetensors file, e.g. 500MB or 2GiB (default {DEFAULT_MAX_SHARD_SIZE})")
+    p.set_defaults(handler=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_cli.add_commands(sub, CONFIG_HELP)
     memory_cli.add_commands(sub, CONFIG_HELP)
     _add_prepare_data(sub)
+    _add_export(sub)
     return parser
 
 
@@ -177,10 +202,23 @@ def _prepare_data(args: argparse.Namespace, console: Console) -> int:
     from lsys.data import prepare_text_dataset
 
     try:
-        stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod)
+        stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod,
+                                     pretrained=args.pretrained)
     except (ValueError, FileNotFoundError) as exc:
         return exits.invalid_input(console, exc)
     console.print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from lsys.hf.export import plan_export, write_export
+
+    try:
+        plan = plan_export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size)
+    except ValueError as exc:
+        return exits.invalid_input(console, exc)
+    console.print(json.dumps(write_export(plan), indent=2))
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainingOptimizer) 
                              "with another optim.offload or number of ranks; resume with those")
         optimizer.load_rank_state(torch.load(_rank_file(path), weights_only=True))
     return int(state["progress"]["step"])
+
+
+def read_model_tensors(path: Path, specs: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Whole tensors of the model state in checkpoint `path` for the names in `specs` (name -> (shape, stored
+    dtype), as its `.metadata` lists them; names without the `model.` prefix), read in this process alone: no
+    process group, whatever layout wrote the shards. Only the named tensors are read, so a caller streams a
+    large model a few tensors at a time. `path` must have been verified (lsys.checkpoint_verify)."""
+    state = {"model": {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}}
+    # Checkpoint entries missing from `state` (the optimizer's, other tensors) are simply not read. torch warns
+    # that it assumes one process when no group exists: here that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+    return state["model"]

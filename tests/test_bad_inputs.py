@@ -98,6 +98,23 @@ def _rewrite_tensor(name: str, shape: tuple[int, ...] | None) -> Callable[[Path]
     return setup
 
 
+def _pretrained(name: str, eod: bool = True, **config) -> Callable[[Path], None]:
+    """A HuggingFace model directory's config.json (TRAIN's model shape) and tokenizer.json (EOD `</s>` if
+    `eod`); `config` overrides config.json's keys."""
+    def setup(w: Path) -> None:
+        from tokenizers import Tokenizer, models
+
+        (w / name).mkdir(parents=True)
+        tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "words": 2}, unk_token="<unk>"))
+        if eod:
+            tok.add_special_tokens(["</s>"])
+        tok.save(str(w / name / "tokenizer.json"))
+        values = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128, **config}
+        (w / name / "config.json").write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+    return setup
+
+
 DATA = ["data.task=text", "data.text.path={w}/data/corpus", "model.vocab_size=0"]
 TEXT = [*TRAIN, *DATA, RUN]
 DS = ("dataset",)  # the case starts from a copy of a good dataset in {w}/data
@@ -105,6 +122,7 @@ HF = ("pretrained",)  # ... of a tiny HuggingFace checkpoint of TRAIN's model in
 HF_FILE = "model-00001-of-00001.safetensors"
 FIXTURE_DIRS = {"dataset": "data", "checkpoint": "run", "pretrained": "hf"}
 PRETRAINED = [*TRAIN, "model.pretrained={w}/hf", RUN]
+CK = ("checkpoint",)  # ... of a finished one-step run in {w}/run
 
 CASES = [
     # -- config files --------------------------------------------------------------------------------------------
@@ -202,6 +220,14 @@ CASES = [
          "tok", _both(_write("in.txt", "words\n"), _mkdir("tok"))),
     Case("prepare-output-under-a-file", ["prepare-data", "{w}/in.txt", "{w}/file/c"], "file",
          _both(_write("in.txt", "words\n"), _write("file", "x\n"))),
+    Case("prepare-pretrained-no-tokenizer", ["prepare-data", "{w}/in.txt", "{w}/out/c", "--pretrained", "{w}/pre"],
+         "--pretrained {w}/pre", _both(_write("in.txt", "words\n"), _mkdir("pre"))),
+    Case("prepare-pretrained-no-eod", ["prepare-data", "{w}/in.txt", "{w}/out/c", "--pretrained", "{w}/pre"],
+         "pre/tokenizer.json", _both(_write("in.txt", "words\n"), _pretrained("pre", eod=False))),
+    Case("prepare-pretrained-eos-outside", ["prepare-data", "{w}/in.txt", "{w}/out/c", "--pretrained", "{w}/pre"],
+         "eos_token_id=999", _both(_write("in.txt", "words\n"), _pretrained("pre", eos_token_id=999))),
+    Case("text-pretrained-vocab-below-data", [*TEXT, "model.pretrained={w}/pre"], "model.pretrained={w}/pre",
+         _pretrained("pre"), fixtures=DS),
     # -- profile and plan --------------------------------------------------------------------------------------
     Case("profile-steps-zero", ["profile", "configs/demo.yaml", *TINY, "--out", "{w}/p", "--steps", "0"], "--steps"),
     Case("profile-offload", ["profile", "configs/demo.yaml", *TINY, "--out", "{w}/p", "optim.offload=cpu"],
@@ -241,6 +267,20 @@ CASES = [
          _rewrite_tensor("model.layers.0.mlp.up_proj.weight", None), fixtures=HF),
     Case("pretrained-wrong-shape", PRETRAINED, "model.norm.weight has shape [31]",
          _rewrite_tensor("model.norm.weight", (31,)), fixtures=HF),
+    # -- export ------------------------------------------------------------------------------------------------
+    Case("export-run-dir-missing", ["export", "{w}/none", "{w}/hf"], "{w}/none"),
+    Case("export-no-checkpoint", ["export", "{w}/run", "{w}/hf"], "no checkpoint", _mkdir("run/checkpoints")),
+    Case("export-step-missing", ["export", "{w}/run", "{w}/hf", "--step", "7"], "--step 7", fixtures=CK),
+    Case("export-step-zero", ["export", "{w}/run", "{w}/hf", "--step", "0"], "--step 0", fixtures=CK),
+    Case("export-damaged-checkpoint", ["export", "{w}/run", "{w}/hf"], "truncated",
+         _truncate("run/checkpoints/step_00000001/__0_0.distcp", 10), fixtures=CK),
+    Case("export-dtype-unknown", ["export", "{w}/run", "{w}/hf", "--dtype", "int8"], "--dtype int8", fixtures=CK),
+    Case("export-shard-size", ["export", "{w}/run", "{w}/hf", "--max-shard-size", "5 parsecs"], "--max-shard-size",
+         fixtures=CK),
+    Case("export-out-not-empty", ["export", "{w}/run", "{w}/hf"], "{w}/hf", _write("hf/keep.txt", "x\n"),
+         fixtures=CK),
+    Case("export-out-under-a-file", ["export", "{w}/run", "{w}/file/hf"], "file", _write("file", "x\n"),
+         fixtures=CK),
     # -- checkpoints -------------------------------------------------------------------------------------------
     Case("checkpoint-of-another-shape", [*TRAIN, "model.hidden_size=64", RUN], "hidden_size",
          fixtures=("checkpoint",)),

@@ -11,7 +11,7 @@ from launch.cli import build_parser, main
 from tests.commands import TINY, lsys
 
 COMMANDS = [[], ["train"], ["submit"], ["jobs"], ["jobs", "list"], ["jobs", "logs"], ["jobs", "stop"], ["cluster"],
-            ["cluster", "start"], ["prepare-data"], ["profile"], ["plan"], ["eval"]]
+            ["cluster", "start"], ["prepare-data"], ["profile"], ["plan"], ["eval"], ["export"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda words: "-".join(words) or "lsys")

@@ -40,13 +40,16 @@ def prepare_text_dataset(
     tokenizer: str | None = None,
     append_eod: bool = True,
     eod_token: str | None = None,
+    pretrained: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize `input_paths` into `output_prefix`.{bin,idx,json}; returns the metadata written to the json.
 
     Documents: in a `.jsonl` file, the "text" field of each line; in any other file (plain UTF-8 text), each
     paragraph, i.e. a run of lines between blank lines, with surrounding whitespace stripped. Empty documents
     are skipped. `tokenizer` None is byte-level (vocabulary 258: bytes, EOD 256, PAD 257), else the path of a
-    HuggingFace tokenizer.json whose end-of-document token is found by name or given as `eod_token`.
+    HuggingFace tokenizer.json whose end-of-document token is found by name or given as `eod_token`;
+    `pretrained` (a HuggingFace model directory) with no `tokenizer`: its tokenizer.json and the `eos_token_id`
+    of its config.json.
     With `append_eod` every document ends with EOD, so a model sees where one text stops and the next begins.
 
     Tokens are stored as uint16 when the vocabulary fits, else int32: the rule Megatron's GPTDatasetConfig
@@ -68,7 +71,7 @@ def prepare_text_dataset(
         if os.path.abspath(path) in targets:
             raise ValueError(f"input {path}: is one of the files the output {output_prefix} replaces; choose "
                              "another output prefix")
-    tok = load_tokenizer(tokenizer, eod_token)
+    tok = load_tokenizer(tokenizer, eod_token, pretrained)
     staging = _staging_dir(output_prefix, targets)
     try:
         staged = os.path.join(staging, "dataset")

@@ -46,7 +46,18 @@ def task_options(cfg: LsysConfig) -> dict[str, Any]:
 
 
 def model_vocabulary(cfg: LsysConfig, task_vocab: int) -> int:
-    """The model's vocabulary: model.vocab_size (at least the task's `task_vocab`), or the task's when it is 0."""
+    """The model's vocabulary: model.vocab_size (at least the task's `task_vocab`), or the task's when it is 0;
+    with model.pretrained, the checkpoint's (its config.json's, at least the task's: data prepared with another
+    tokenizer would index past the pretrained embedding)."""
+    if cfg.model.pretrained:
+        from lsys.hf.config import resolve_pretrained
+
+        vocab = resolve_pretrained(cfg).model.vocab_size
+        if vocab < task_vocab:
+            raise ValueError(f"model.pretrained={cfg.model.pretrained}: its vocabulary {vocab} is smaller than the "
+                             f"{cfg.data.task} task's {task_vocab}; prepare the data with its tokenizer "
+                             f"(lsys prepare-data ... --pretrained {cfg.model.pretrained})")
+        return vocab
     if cfg.model.vocab_size and cfg.model.vocab_size < task_vocab:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} task's "
                          f"vocabulary {task_vocab}; raise it or use 0 for the task's")

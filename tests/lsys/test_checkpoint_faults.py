@@ -179,8 +179,9 @@ def test_checkpoint_of_another_shape_is_skipped_when_an_older_one_fits(template,
     shutil.copytree(wider / "checkpoints" / "step_00000008", root / "step_00000008")
     selection = select_checkpoint(root, _shape(template["values"]))
     assert selection.path == root / "step_00000006" and selection.step == 6
+    # head_dim follows hidden_size / num_heads: it differs too
     assert selection.skipped == ["step_00000008: model shape differs: hidden_size 64 != 32, "
-                                 "ffn_hidden_size 192 != 128 (checkpoint != config)"]
+                                 "ffn_hidden_size 192 != 128, head_dim 16 != 8 (checkpoint != config)"]
     # The CLI may not know the vocabulary yet (model.vocab_size=0): it is then not compared.
     assert preflight_resume(tmp_path, model_shape(config_from_dict(template["values"]).model)) == [
         "lsys: skipping checkpoint " + selection.skipped[0]]
