@@ -111,45 +111,41 @@ def _inv_freq_matches(out: Path, run: Path) -> None:
     assert model.model.rotary_emb.attention_scaling == pytest.approx(scale, rel=1e-12) and scale != 1.0
 
 
-def test_yarn_scaling_and_a_head_trained_apart_from_its_tied_embedding(runs, tmp_path):
-    # build_model's to_empty() unties the head (its two parameters train apart), so the export keeps both.
+def test_yarn_scaling_and_tied_embeddings_export_no_head(runs, tmp_path):
     out = _export(runs["yarn"], tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "float32"
+    assert config["tie_word_embeddings"] is True and config["torch_dtype"] == "float32"
     assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 4
-    assert "lm_head.weight" in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     _inv_freq_matches(out, runs["yarn"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     tokens = torch.randint(0, 60, (1, 32), generator=torch.Generator().manual_seed(1))
     _close(_hf_logits(out, tokens), _lsys_logits(runs["yarn"], tokens, torch.float32))
 
 
-def _tied_checkpoint(run: Path, copy: Path) -> Path:
-    """A copy of the yarn run whose checkpoint holds one tensor for the embedding and the head, as a tied model
-    that kept its tie would save it (written here in one process: dcp.save without a process group)."""
+def _untied_copy(run: Path, copy: Path) -> tuple[Path, torch.Tensor]:
+    """A copy of the tied yarn run whose checkpoint's head differs from its embedding (as one trained before
+    lsys kept the tie when materialising would be); written in one process: dcp.save without a process group."""
     source, manifest = _newest(run)
     target = checkpoint_root(copy) / source.name
     target.mkdir(parents=True)
-    embed = read_model_tensors(source, {"embed.weight": (torch.Size([60, 32]), torch.float32)})["embed.weight"]
-    others = {k.removeprefix("model."): v for k, v in checkpoint_entries(source).items()
-              if k.startswith("model.") and k != "model.lm_head.weight"}
-    state = read_model_tensors(source, {n: (m.size, m.properties.dtype) for n, m in others.items()})
-    state["lm_head.weight"] = state["embed.weight"] = embed
+    entries = {k.removeprefix("model."): v for k, v in checkpoint_entries(source).items() if k.startswith("model.")}
+    state = read_model_tensors(source, {n: (m.size, m.properties.dtype) for n, m in entries.items()})
+    state["lm_head.weight"] = state["embed.weight"] + 0.01
     dcp.save({"model": state, "progress": {"step": torch.tensor(manifest["step"])}}, checkpoint_id=target,
              no_dist=True)
     write_manifest(target, manifest["step"], manifest["model_shape"], manifest["layout"], manifest["config"])
-    return copy
+    return copy, state["lm_head.weight"]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_tied_embeddings_export_no_head(runs, tmp_path):
-    run = _tied_checkpoint(runs["yarn"], tmp_path / "run")
+def test_a_head_trained_apart_from_its_tied_embedding_is_exported_untied(runs, tmp_path):
+    run, head = _untied_copy(runs["yarn"], tmp_path / "run")
     out = _export(run, tmp_path / "hf")
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
-    assert "lm_head.weight" not in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    tokens = torch.randint(0, 60, (1, 32), generator=torch.Generator().manual_seed(2))
-    _close(_hf_logits(out, tokens), _lsys_logits(run, tokens, torch.float32))
+    torch.testing.assert_close(model.lm_head.weight.data, head, rtol=0, atol=0)
 
 
 def _pretrained_dir(path: Path, **config) -> Path:
