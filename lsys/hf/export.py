@@ -171,9 +171,9 @@ def _tensors(path: Path, stored: dict[str, Any], cfg: LsysConfig) -> list[Export
 
 
 def _untie_if_trained_apart(path: Path, stored: dict[str, Any], cfg: LsysConfig) -> LsysConfig:
-    """`cfg` with tie_embeddings off when the checkpoint's output head differs from its embedding. A tied model
-    materialised from the meta device gets two parameters (`nn.Module.to_empty` does not keep the sharing), so
-    such runs train a separate head; exporting either tensor for both would not be the model that was trained."""
+    """`cfg` with tie_embeddings off when the checkpoint's output head differs from its embedding. Runs of lsys
+    before it re-tied the head after materialising from the meta device (`nn.Module.to_empty` does not keep the
+    sharing) trained a separate head; exporting either tensor for both would not be the model that was trained."""
     if not cfg.model.tie_embeddings:
         return cfg
     names = ("embed.weight", "lm_head.weight")
