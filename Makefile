@@ -6,7 +6,7 @@ VENV ?= .venv
 # dependency can pull a CUDA build. GPU users install into their own environment instead (see README).
 PIP_ENV = PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
 
-.PHONY: setup demo test lint
+.PHONY: setup demo extend-demo test lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 demo: setup
 	$(VENV)/bin/lsys submit configs/demo.yaml --follow
+
+# Context extension on CPU: train short, export to HuggingFace format, extend 8x over ring ranks (README).
+extend-demo: setup
+	$(VENV)/bin/python bench/extend_demo.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -25,8 +25,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.commands import ROOT, lsys
-from bench.report import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.commands import ROOT, lsys  # noqa: E402
+from bench.report import write_results  # noqa: E402
 
 BASE = "configs/extend_demo_base.yaml"
 EXTEND = "configs/extend_demo.yaml"
@@ -70,7 +72,8 @@ def print_table(results: dict) -> None:
         table.add_row(row["stage"], f"{row['seq_len']:,}", f"{row['passkey_accuracy']:.3f}", f"{row['loss']:.4f}",
                       "-" if train is None else f"{train:.0f}", f"{row['wall_s']:.0f}")
     Console(width=None if sys.stdout.isatty() else 150).print(table)
-    print(f"exports: {', '.join(f'{s:.1f} s' for s in results['export_wall_s'])}; total {results['total_wall_s']:.0f} s")
+    exports = ", ".join(f"{s:.1f} s" for s in results["export_wall_s"])
+    print(f"exports: {exports}; total {results['total_wall_s']:.0f} s")
 
 
 def main() -> None:
