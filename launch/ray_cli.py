@@ -100,7 +100,8 @@ def _absolute_paths(values: dict, remote: bool) -> None:
     """Jobs do not run in the submitter's directory: relative paths are made absolute here, and refused for a
     remote cluster, where they would name a place on the cluster's machines."""
     text = values["data"]["text"]
-    paths = {"train.run_dir": values["train"], "data.text.path": text, "data.text.cache_dir": text}
+    paths = {"train.run_dir": values["train"], "data.text.path": text, "data.text.cache_dir": text,
+             "model.pretrained": values["model"]}
     for key, section in paths.items():
         field = key.rsplit(".", 1)[1]
         if not section[field] or Path(section[field]).is_absolute():

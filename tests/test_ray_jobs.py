@@ -96,3 +96,16 @@ def test_cluster_stops_itself_once_idle_and_keeps_its_jobs_readable(tmp_path, mo
     assert "step      6" in lsys("jobs", "logs", job_id, home=home).stdout
     stop = lsys("jobs", "stop", job_id, home=home)
     assert stop.returncode == 2 and "only jobs on a running cluster can be stopped" in stop.stderr
+
+
+def test_job_paths_are_made_absolute_or_refused_for_a_remote_cluster(tmp_path, monkeypatch):
+    from launch.ray_cli import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    values = {"train": {"run_dir": "runs/x"}, "data": {"text": {"path": "", "cache_dir": ""}},
+              "model": {"pretrained": "models/llama"}}
+    _absolute_paths(values, remote=False)
+    assert values["model"]["pretrained"] == str(tmp_path / "models/llama")
+    assert values["train"]["run_dir"] == str(tmp_path / "runs/x")
+    with pytest.raises(ValueError, match="model.pretrained='models/llama': a job on a remote cluster"):
+        _absolute_paths({**values, "train": {"run_dir": "/abs"}, "model": {"pretrained": "models/llama"}}, remote=True)
