@@ -78,7 +78,7 @@ def _add_prepare_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from lsys.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES
+    from lsys.hf.config import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES
 
     p = sub.add_parser(
         "export",

@@ -24,6 +24,9 @@ ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "nu
                      "ffn_hidden_size", "attention_bias", "qk_norm", "sliding_window", "norm_eps", "tie_embeddings")
 # The keys of RopeScalingConfig, each as HuggingFace names it in `rope_scaling` / `rope_parameters`.
 ROPE_KEYS = tuple(f.name for f in dataclasses.fields(RopeScalingConfig))
+# What `lsys export` writes (torch's dtype names), and its largest file by default, as transformers' writes them.
+EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 _ROPE_TYPES = {"default": "default", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 
 

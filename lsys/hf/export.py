@@ -40,13 +40,17 @@ from lsys.checkpoint_verify import (
     verify_checkpoint,
 )
 from lsys.config import LsysConfig, config_from_dict
-from lsys.hf.config import CONFIG_FILE, hf_config, read_config_json, resolve_pretrained
+from lsys.hf.config import (
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_SIZE,
+    EXPORT_DTYPES,
+    hf_config,
+    read_config_json,
+    resolve_pretrained,
+)
 from lsys.hf.names import hf_name
 from lsys.model import Transformer
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "float64": torch.float64}
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 # What a HuggingFace model directory may hold of its tokenizer; whichever exist are copied.
@@ -270,7 +274,7 @@ def plan_export(run_dir: str | Path, out_dir: str | Path, step: int | None = Non
     # Without a pretrained generation config, transformers' own rule: the token ids of config.json.
     generation = {key: config[key] for key in _TOKEN_IDS if config.get(key) is not None}
     return ExportPlan(checkpoint=path, step=manifest["step"], out=out, dtype=dtype, config=config,
-                      generation_config=generation, shards=_shards(tensors, EXPORT_DTYPES[dtype], max_bytes),
+                      generation_config=generation, shards=_shards(tensors, getattr(torch, dtype), max_bytes),
                       copies={**tokenizer_files(cfg), **_generation_file(cfg)})
 
 
@@ -283,7 +287,7 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
 
 def write_export(plan: ExportPlan) -> dict[str, Any]:
     """Write the directory `plan` describes (into OUT.tmp, renamed to OUT when complete); returns a summary."""
-    tmp, target = plan.tmp, EXPORT_DTYPES[plan.dtype]
+    tmp, target = plan.tmp, getattr(torch, plan.dtype)
     umask = os.umask(0)
     os.umask(umask)
     tmp.mkdir(parents=True)
