@@ -34,16 +34,21 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None, backend: str = "auto"
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None, backend: str = "auto",
+    q_docs: Tensor | None = None, k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q: [B, Sq, H, D]; k, v: [B, Sk, H, D] -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq].
 
     lse is float32, or float64 for float64 inputs. `causal` is top-left aligned (query i sees keys <= i).
+    Document ids q_docs [B, Sq], k_docs [B, Sk] (int64, both or neither): a query attends only to keys of its
+    own document; a query row with no key to attend gets out 0 and lse -inf.
     """
     _check_shapes(q, k, v)
     backend = _resolve(backend, q)
     if backend == "reference":
-        return reference_attention_forward(q, k, v, causal=causal, scale=scale)
+        return reference_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
+    if q_docs is not None:
+        raise NotImplementedError(f"document masks on the {backend} backend")
     if backend == "triton":
         from kernels.triton_attention import triton_attention_forward
 
@@ -65,12 +70,18 @@ def attention_backward(
     causal: bool,
     scale: float | None = None,
     backend: str = "auto",
+    q_docs: Tensor | None = None,
+    k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D] (input dtypes)."""
+    """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D] (input dtypes).
+    q_docs, k_docs: the document ids of `attention_forward`."""
     _check_shapes(q, k, v)
     backend = _resolve(backend, q)
     if backend == "reference":
-        return reference_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        return reference_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
+                                            k_docs=k_docs)
+    if q_docs is not None:
+        raise NotImplementedError(f"document masks on the {backend} backend")
     if backend == "triton":
         from kernels.triton_attention import triton_attention_backward
 
