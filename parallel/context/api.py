@@ -9,21 +9,36 @@
 - neither: single-device attention.
 
 The contract, for every combination: gather(attention(shard(q), shard(k), shard(v))) equals full attention
-over the original order (causal meaning that order), and so do the gathered gradients of q, k and v.
+over the original order (causal meaning that order), and so do the gathered gradients of q, k and v. With
+document_ids (this rank's `shard` of [B, S] ids, e.g. of packed documents) "full attention" is masked so a
+query attends only to keys of its own document.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kernels.attention import attention as local_attention
 from parallel.context.layout import Group, check_groups, check_layout, check_sequence, group_size_rank
 from parallel.context.ring import ring_attention
-from parallel.context.ulysses import check_ulysses_heads, heads_to_seq, scatter_heads
+from parallel.context.ulysses import check_ulysses_heads, gather_document_ids, heads_to_seq, scatter_heads
+
+
+def check_document_ids(document_ids: Tensor, q: Tensor) -> None:
+    """document_ids must be int64 [B, S_local] on q's device, one id per local position."""
+    if document_ids.dtype != torch.int64 or tuple(document_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"document_ids must be int64 [B, S_local] = {tuple(q.shape[:2])} like q's first two dims (this rank's "
+            f"`shard` of the [B, S] ids); got {document_ids.dtype} {tuple(document_ids.shape)}"
+        )
+    if document_ids.device != q.device:
+        raise ValueError(f"document_ids are on {document_ids.device} but q on {q.device}; move them to {q.device}")
 
 
 def check_attention_inputs(
-    q: Tensor, k: Tensor, v: Tensor, *, ring_size: int, ulysses_size: int, layout: str
+    q: Tensor, k: Tensor, v: Tensor, *, ring_size: int, ulysses_size: int, layout: str,
+    document_ids: Tensor | None = None,
 ) -> None:
     """Raise ValueError, naming what to change, when the local shards cannot be attended with these sizes."""
     check_layout(layout)
@@ -38,6 +53,8 @@ def check_attention_inputs(
         )
     check_ulysses_heads(q.shape[2], k.shape[2], ulysses_size)
     check_sequence(q.shape[1] * ring_size * ulysses_size, ring_size, ulysses_size, layout)
+    if document_ids is not None:
+        check_document_ids(document_ids, q)
 
 
 def attention(
@@ -50,19 +67,30 @@ def attention(
     layout: str = "zigzag",
     scale: float | None = None,
     backend: str = "auto",
+    document_ids: Tensor | None = None,
 ) -> Tensor:
-    """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] (this rank's `shard`) -> [B, S_local, Hq, D].
+    """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D]; document_ids: [B, S_local] int64 or None (this rank's
+    `shard` of each) -> [B, S_local, Hq, D].
 
     Differentiable. `backend` picks the block kernel (kernels.attention); scale defaults to 1/sqrt(D).
     """
     check_groups(ring_group, ulysses_group)
     ring_size, _ = group_size_rank(ring_group)
     ulysses_size, _ = group_size_rank(ulysses_group)
-    check_attention_inputs(q, k, v, ring_size=ring_size, ulysses_size=ulysses_size, layout=layout)
+    check_attention_inputs(
+        q, k, v, ring_size=ring_size, ulysses_size=ulysses_size, layout=layout, document_ids=document_ids
+    )
     if ulysses_size > 1:
         q, k, v = scatter_heads(q, k, v, ulysses_group)
-    if ring_size > 1:
-        out = ring_attention(q, k, v, ring_group, causal=causal, layout=layout, scale=scale, backend=backend)
+        if document_ids is not None:
+            document_ids = gather_document_ids(document_ids, ulysses_group)
+    # With document ids and no ring group, the ring of one (its own block) is the single-device attention that
+    # passes the ids to the block kernel.
+    if ring_size > 1 or document_ids is not None:
+        out = ring_attention(
+            q, k, v, ring_group, causal=causal, layout=layout, scale=scale, backend=backend,
+            document_ids=document_ids,
+        )
     else:
         out = local_attention(q, k, v, causal=causal, scale=scale, backend=backend)
     if ulysses_size > 1:

@@ -118,7 +118,7 @@ def shard(
     return x.index_select(seq_dim, index.to(x.device))
 
 
-def _all_gather_seq(x: Tensor, seq_dim: int, group: Group) -> Tensor:
+def all_gather_seq(x: Tensor, seq_dim: int, group: Group) -> Tensor:
     """Concatenate every member's x along seq_dim, in group-rank order."""
     if group is None or dist.get_world_size(group) == 1:
         return x
@@ -134,7 +134,7 @@ class _Gather(torch.autograd.Function):
         ctx.options = (seq_dim, ring_group, ulysses_group, layout)
         ring_size, _ = group_size_rank(ring_group)
         ulysses_size, _ = group_size_rank(ulysses_group)
-        stacked = _all_gather_seq(_all_gather_seq(x, seq_dim, ulysses_group), seq_dim, ring_group)
+        stacked = all_gather_seq(all_gather_seq(x, seq_dim, ulysses_group), seq_dim, ring_group)
         seq_len = stacked.shape[seq_dim]
         # Positions in the order the gathers produced them (ring-major, then Ulysses): undo that permutation.
         order = torch.cat(

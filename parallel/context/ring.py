@@ -11,6 +11,12 @@ behind it, every rank adding its contribution, and after P hops arrives back at 
 No rank ever holds more than two K/V blocks and two dK/dV accumulators: memory is O(S/P). K/V travel with
 Hkv heads; they are expanded to Hq only for the block kernel call (GQA saves bandwidth this way).
 
+Document ids (packed documents): the K/V block's ids travel with it, a second message in the same batch, and
+every block call gets the ids of its query rows and keys. A block whose query rows share no document with its
+keys is skipped like the contiguous layout's empty blocks; forward decides once per step from the ids it has
+(exactly, for any ids) and backward reuses those decisions. Every block still travels the whole ring: skipping
+transfers would need every rank's ids up front.
+
 Causal schedules (local tensors are the rank's shard, see parallel.context.layout):
 - zigzag: the shard is [chunk r; chunk 2P-1-r]. K/V from rank r itself: causal block. From an earlier rank:
   all local queries against the first half of its K/V. From a later rank: the second half of local queries
@@ -26,20 +32,35 @@ from torch import Tensor
 
 from kernels.attention import attention_backward, attention_forward, expand_kv_heads, reduce_kv_heads
 from kernels.merge import merge_attention
+from parallel.context.layout import Group, group_size_rank
 
-# Distinct tags keep a K/V block and a dK/dV accumulator in flight to the same peer from being confused.
+# Distinct tags keep a K/V block, its document ids and a dK/dV accumulator in flight to the same peer apart.
 _KV_TAG = 1
 _DKV_TAG = 2
+_DOCS_TAG = 3
 
 
-def _rotate(send: Tensor, group: dist.ProcessGroup, rank: int, size: int, tag: int) -> tuple[Tensor, list]:
-    """Start sending `send` to the next ring rank and receiving the previous rank's into a new buffer."""
-    recv = torch.empty_like(send)
-    ops = [
-        dist.P2POp(dist.isend, send, group=group, group_peer=(rank + 1) % size, tag=tag),
-        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - 1) % size, tag=tag),
-    ]
-    return recv, dist.batch_isend_irecv(ops)
+def _rotate(
+    sends: list[tuple[Tensor, int]], group: dist.ProcessGroup, rank: int, size: int
+) -> tuple[list[Tensor], list]:
+    """Start sending each (tensor, tag) to the next ring rank and receiving the previous rank's into new buffers,
+    all in one batch."""
+    recvs, ops = [], []
+    for send, tag in sends:
+        recv = torch.empty_like(send)
+        recvs.append(recv)
+        ops.append(dist.P2POp(dist.isend, send, group=group, group_peer=(rank + 1) % size, tag=tag))
+        ops.append(dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - 1) % size, tag=tag))
+    return recvs, dist.batch_isend_irecv(ops)
+
+
+def _rotate_block(
+    kv: Tensor, docs: Tensor | None, group: dist.ProcessGroup, rank: int, size: int
+) -> tuple[Tensor, Tensor | None, list]:
+    """Start moving a K/V block [2, B, S_local, Hkv, D] and its document ids [B, S_local] (or None) one hop."""
+    sends = [(kv, _KV_TAG)] if docs is None else [(kv, _KV_TAG), (docs, _DOCS_TAG)]
+    recvs, works = _rotate(sends, group, rank, size)
+    return recvs[0], (recvs[1] if docs is not None else None), works
 
 
 def _wait(works: list) -> None:
@@ -69,19 +90,43 @@ def block_plan(
     return slice(half, seq_len), everything, False
 
 
+def _shares_document(q_docs: Tensor, k_docs: Tensor) -> bool:
+    """q_docs [B, Sq], k_docs [B, Sk] -> whether some query of some batch row has a key of its document.
+
+    Exact for any ids (each query id is looked up among its row's sorted key ids); O(S log S), small next to
+    the block it may save. One host sync per ring step on GPU."""
+    sorted_keys = k_docs.sort(dim=1).values
+    found = torch.searchsorted(sorted_keys, q_docs.contiguous()).clamp_(max=sorted_keys.shape[1] - 1)
+    return bool((sorted_keys.gather(1, found) == q_docs).any())
+
+
+def _doc_slices(q_docs: Tensor | None, k_docs: Tensor | None, rows: slice, keys: slice) -> dict:
+    """The block kernel's q_docs/k_docs arguments for a block (none without document ids)."""
+    if q_docs is None:
+        return {}
+    return {"q_docs": q_docs[:, rows], "k_docs": k_docs[:, keys]}
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, backend):
-        # q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] -> out [B, S_local, Hq, D]
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
+    def forward(ctx, q, k, v, docs, group, causal, layout, scale, backend):
+        # q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D]; docs: [B, S_local] int64 or None
+        # -> out [B, S_local, Hq, D]
+        size, rank = group_size_rank(group)
         num_q_heads, seq_len = q.shape[2], q.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
         own_kv = kv = torch.stack([k, v])  # [2, B, S_local, Hkv, D]: one contiguous message per hop
+        k_docs = docs
         out = lse = None
+        plans = []
         for step in range(size):
             if step + 1 < size:
-                next_kv, works = _rotate(kv, group, rank, size, _KV_TAG)
+                next_kv, next_docs, works = _rotate_block(kv, k_docs, group, rank, size)
             plan = block_plan((rank - step) % size, rank, seq_len, causal, layout)
+            # The own block always shares documents (each position with itself), so step 0 is never skipped.
+            if plan is not None and docs is not None and not _shares_document(docs[:, plan[0]], k_docs[:, plan[1]]):
+                plan = None
+            plans.append(plan)
             if plan is not None:
                 rows, keys, block_causal = plan
                 block_out, block_lse = attention_forward(
@@ -91,6 +136,7 @@ class _RingAttention(torch.autograd.Function):
                     causal=block_causal,
                     scale=scale,
                     backend=backend,
+                    **_doc_slices(docs, k_docs, rows, keys),
                 )
                 if out is None:  # step 0, the own block, always covers every row
                     out, lse = block_out.to(acc), block_lse.to(acc)
@@ -100,27 +146,27 @@ class _RingAttention(torch.autograd.Function):
                     )
             if step + 1 < size:
                 _wait(works)
-                kv = next_kv
+                kv, k_docs = next_kv, next_docs
         out = out.to(q.dtype)
         # The stack, not k and v: backward sends it as is, and it holds the same bytes.
-        ctx.save_for_backward(q, own_kv, out, lse)
-        ctx.options = (group, causal, layout, scale, backend)
+        ctx.save_for_backward(q, own_kv, out, lse, docs)
+        ctx.options = (group, plans, scale, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         # dout: [B, S_local, Hq, D] -> dq [B, S_local, Hq, D]; dk, dv [B, S_local, Hkv, D]
-        q, kv, out, lse = ctx.saved_tensors
-        group, causal, layout, scale, backend = ctx.options
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        num_q_heads, num_kv_heads, seq_len = q.shape[2], kv.shape[3], q.shape[1]
+        q, kv, out, lse, docs = ctx.saved_tensors
+        group, plans, scale, backend = ctx.options
+        size, rank = group_size_rank(group)
+        num_q_heads, num_kv_heads = q.shape[2], kv.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
         dout = dout.contiguous()
+        k_docs = docs
         dq = dkv = dkv_works = None
-        for step in range(size):
+        for step, plan in enumerate(plans):
             if step + 1 < size:
-                next_kv, kv_works = _rotate(kv, group, rank, size, _KV_TAG)
-            plan = block_plan((rank - step) % size, rank, seq_len, causal, layout)
+                next_kv, next_docs, kv_works = _rotate_block(kv, k_docs, group, rank, size)
             grads = None
             if plan is not None:
                 rows, keys, block_causal = plan
@@ -134,6 +180,7 @@ class _RingAttention(torch.autograd.Function):
                     causal=block_causal,
                     scale=scale,
                     backend=backend,
+                    **_doc_slices(docs, k_docs, rows, keys),
                 )
                 grads = keys, reduce_kv_heads(dk_b.to(acc), num_kv_heads), reduce_kv_heads(dv_b.to(acc), num_kv_heads)
                 if dq is None:  # step 0, the own block, always covers every row
@@ -151,29 +198,32 @@ class _RingAttention(torch.autograd.Function):
                     dkv[0][:, keys] += dk
                     dkv[1][:, keys] += dv
             if size > 1:
-                dkv, dkv_works = _rotate(dkv, group, rank, size, _DKV_TAG)
+                (dkv,), dkv_works = _rotate([(dkv, _DKV_TAG)], group, rank, size)
             if step + 1 < size:
                 _wait(kv_works)
-                kv = next_kv
+                kv, k_docs = next_kv, next_docs
         if dkv_works is not None:
             _wait(dkv_works)  # after P hops the accumulator of this rank's own K/V is home
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, None
 
 
 def ring_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    group: dist.ProcessGroup,
+    group: Group,
     *,
     causal: bool = True,
     layout: str = "zigzag",
     scale: float | None = None,
     backend: str = "auto",
+    document_ids: Tensor | None = None,
 ) -> Tensor:
-    """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] -> [B, S_local, Hq, D], differentiable.
+    """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D]; document_ids: [B, S_local] int64 or None
+    -> [B, S_local, Hq, D], differentiable.
 
     The inputs are this rank's shard of the ring group's sequence in `layout` order; shapes are checked by
-    parallel.context.attention, which is the entry point to use.
+    parallel.context.attention, which is the entry point to use. A missing group is a ring of one: plain
+    single-device attention.
     """
-    return _RingAttention.apply(q, k, v, group, causal, layout, scale, backend)
+    return _RingAttention.apply(q, k, v, document_ids, group, causal, layout, scale, backend)

@@ -8,6 +8,9 @@ GQA: query heads must divide by P. KV heads that do not (Hkv < P, or Hkv not a m
 replicated to lcm(Hkv, P) heads, each KV head repeated for consecutive query heads, so query head h still
 reads the KV head it read before (h // (Hq / Hkv)). lcm(Hkv, P) always divides Hq when P and Hkv both do,
 so replication is always possible once Hq % P == 0; the price is all-to-all traffic for the copies.
+
+Document ids are per position and the same for every head, so they are all-gathered, not all-to-all'ed, in the
+same group-rank order as the sequence parts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kernels.attention import expand_kv_heads
+from parallel.context.layout import all_gather_seq
 
 
 def check_ulysses_heads(num_q_heads: int, num_kv_heads: int, ulysses_size: int) -> None:
@@ -107,3 +111,8 @@ def scatter_heads(
     # repeat_interleave is differentiable: the copies' gradients are summed back onto the original head.
     k, v = expand_kv_heads(k, num_kv), expand_kv_heads(v, num_kv)
     return seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group)
+
+
+def gather_document_ids(document_ids: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The ids of the sequence `seq_to_heads` gathers: [B, S_part] -> [B, P * S_part] (no gradient)."""
+    return all_gather_seq(document_ids, 1, group)
