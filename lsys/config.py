@@ -396,6 +396,10 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
         _require(pack >= 1, f"data.{task}.pack", pack, "use 1 (one sample per sequence) or more samples to pack")
         _require(d.task != task or d.seq_len % pack == 0, f"data.{task}.pack", pack,
                  f"must divide data.seq_len={d.seq_len}: each packed sample gets seq_len / pack tokens")
+        # The curriculum's lengths are multiples of the parallel granularity, not of pack.
+        _require(d.task != task or pack == 1 or not d.curriculum.start_len, f"data.{task}.pack", pack,
+                 "packing with a sequence-length curriculum is not supported; set data.curriculum.start_len=0 "
+                 "or pack=1")
 
     _require(t.steps > 0, "train.steps", t.steps, "must be positive")
     _require(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "must be positive")
