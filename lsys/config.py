@@ -99,12 +99,14 @@ class PasskeyConfig:
     key_len: int = 4
     key_vocab: int = 10
     filler_vocab: int = 16
+    pack: int = 1  # samples per sequence, each its own document of seq_len / pack tokens
 
 
 @dataclass
 class MqarConfig:
     num_pairs: int = 8
     num_queries: int = 8
+    pack: int = 1  # samples per sequence, each its own document of seq_len / pack tokens
 
 
 @dataclass
@@ -131,6 +133,12 @@ class DataConfig:
     seq_len: int = 256
     seed: int = 1234
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # Packed sequences (text, or passkey/mqar with pack > 1) hold several documents. document_masks: a query
+    # attends only to its own document and a document's last token is not trained to predict the next one's
+    # first; restart_positions: RoPE positions restart at 0 with each document. null: on for packed data (restart
+    # follows document_masks), off otherwise.
+    document_masks: bool | None = None
+    restart_positions: bool | None = None
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     mqar: MqarConfig = field(default_factory=MqarConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -383,6 +391,15 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(d.curriculum.steps >= 0, "data.curriculum.steps", d.curriculum.steps, "must be non-negative")
     _require(d.task != "text" or bool(d.text.path), "data.text.path", d.text.path,
              "set it to a dataset prefix made by `lsys prepare-data INPUT OUT`")
+    for task in ("passkey", "mqar"):
+        pack = getattr(d, task).pack
+        _require(pack >= 1, f"data.{task}.pack", pack, "use 1 (one sample per sequence) or more samples to pack")
+        _require(d.task != task or d.seq_len % pack == 0, f"data.{task}.pack", pack,
+                 f"must divide data.seq_len={d.seq_len}: each packed sample gets seq_len / pack tokens")
+        # The curriculum's lengths are multiples of the parallel granularity, not of pack.
+        _require(d.task != task or pack == 1 or not d.curriculum.start_len, f"data.{task}.pack", pack,
+                 "packing with a sequence-length curriculum is not supported; set data.curriculum.start_len=0 "
+                 "or pack=1")
 
     _require(t.steps > 0, "train.steps", t.steps, "must be positive")
     _require(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "must be positive")

@@ -2,9 +2,10 @@
 `parallel.parallelize`, which swaps each attention's `attn_fn` and wraps modules.
 
 What the parallel layer needs to know of it, `Transformer.parallel_plan()` tells it (parallel.plan): the
-blocks, each one's attention (whose `attn_fn(q, k, v, causal=...)` is replaceable), feed-forward, norms and
-final projection, and how tensor parallelism splits each module. Positions are explicit global ids, so a rank
-holding a shard of the sequence rotates its queries and keys exactly as the full sequence would.
+blocks, each one's attention (whose `attn_fn(q, k, v, causal=..., document_ids=...)` is replaceable),
+feed-forward, norms and final projection, and how tensor parallelism splits each module. Positions are explicit
+per token (global, or restarted with each packed document), so a rank holding a shard of the sequence rotates
+its queries and keys exactly as the full sequence would; document ids travel with them the same way.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_fn: AttnFn = local_attention
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        # x: [B, S, hidden] -> [B, S, hidden]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, document_ids: Tensor | None) -> Tensor:
+        # x: [B, S, hidden], document_ids: [B, S] int64 or None -> [B, S, hidden]
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
@@ -63,7 +64,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attn_fn(q, k, v, causal=True)
+        if document_ids is None:
+            # The plain path calls attn_fn exactly as before, so any attention without document masks still fits.
+            out = self.attn_fn(q, k, v, causal=True)
+        else:
+            out = self.attn_fn(q, k, v, causal=True, document_ids=document_ids)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -87,8 +92,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, document_ids: Tensor | None) -> Tensor:
+        # x: [B, S, hidden], document_ids: [B, S] int64 or None -> [B, S, hidden]
+        x = x + self.attn(self.attn_norm(x), cos, sin, document_ids)
         return x + self.ffn(self.ffn_norm(x))
 
     def parallel_plan(self) -> BlockPlan:
@@ -97,7 +103,8 @@ class Block(nn.Module):
         # Column-parallel q/k/v split whole query and KV heads, so grouped-query attention stays local.
         splits = {
             "attn_norm": sequence,
-            "attn": TensorSplit(Split.GATHER_INPUT, inputs=3),  # x, and the RoPE tables cos, sin
+            # x, and the local full-sequence inputs: the RoPE tables cos, sin and the document ids (or None)
+            "attn": TensorSplit(Split.GATHER_INPUT, inputs=4),
             "attn.wq": colwise, "attn.wk": colwise, "attn.wv": colwise, "attn.wo": rowwise,
             "ffn_norm": sequence,
             "ffn": TensorSplit(Split.GATHER_INPUT),
@@ -164,15 +171,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None,
-                loss_chunk_tokens: int = 0) -> Tensor:
-        """tokens, positions: [B, S] (S may be this rank's shard; positions are global) -> logits [B, S, V];
-        with `labels` [B, S]: per-token cross-entropy [B, S] (at least fp32), the vocabulary's logits made
-        `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`)."""
+                loss_chunk_tokens: int = 0, document_ids: Tensor | None = None) -> Tensor:
+        """tokens, positions: [B, S] (S may be this rank's shard; positions are explicit per token) -> logits
+        [B, S, V]; with `labels` [B, S]: per-token cross-entropy [B, S] (at least fp32), the vocabulary's logits
+        made `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`).
+        `document_ids` [B, S] int64: each query attends only to keys of its own document (None: no masks)."""
         table_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, table_dtype)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, document_ids)
         if labels is None:
             return self.lm_head(self.norm(x))
         return token_losses(self.lm_head, self.norm(x), labels, loss_chunk_tokens)

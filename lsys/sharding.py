@@ -6,7 +6,7 @@ uses (`parallel.cp_layout`), so every rank holds exactly the tokens its ring and
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from torch import Tensor
 
@@ -15,7 +15,8 @@ from parallel.mesh import MeshInfo
 
 
 def shard_batch(batch: Batch, mesh: MeshInfo, layout: str) -> Batch:
-    """Keep this rank's part of every sequence ([B, S] -> [B, S/cp]); positions stay global for RoPE."""
+    """Keep this rank's part of every sequence ([B, S] -> [B, S/cp]); positions and document ids stay as they
+    were for the whole sequence (RoPE and the document masks need them)."""
     if mesh.cp_size == 1:
         return batch
     from parallel.context import shard
@@ -23,8 +24,7 @@ def shard_batch(batch: Batch, mesh: MeshInfo, layout: str) -> Batch:
     def part(x: Tensor) -> Tensor:
         return shard(x, seq_dim=1, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=layout)
 
-    return replace(batch, tokens=part(batch.tokens), labels=part(batch.labels),
-                   loss_mask=part(batch.loss_mask), positions=part(batch.positions))
+    return replace(batch, **{f.name: part(getattr(batch, f.name)) for f in fields(batch)})
 
 
 def gather_sequence(x: Tensor, mesh: MeshInfo, layout: str) -> Tensor:

@@ -37,8 +37,10 @@ class NoProbe:
 
 
 class StepWork:
-    def __init__(self, cfg: LsysConfig, model: nn.Module, optimizer: TrainingOptimizer, device: torch.device):
+    def __init__(self, cfg: LsysConfig, model: nn.Module, optimizer: TrainingOptimizer, device: torch.device,
+                 document_masks: bool = False):
         self.cfg = cfg
+        self.document_masks = document_masks  # the task's (Task.document_masks): pass the batch's ids on
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -56,7 +58,8 @@ class StepWork:
         """For evaluation, which needs the predictions too.
         batch: [B, S_local] -> per-token cross-entropy [B, S_local] (at least fp32), logits [B, S_local, V]"""
         with self.autocast():
-            logits = self.model(batch.tokens.to(self.device), batch.positions.to(self.device))
+            logits = self.model(batch.tokens.to(self.device), batch.positions.to(self.device),
+                                document_ids=self._document_ids(batch))
         return logit_losses(logits, batch.labels.to(self.device)), logits
 
     def training_losses(self, batch: Batch) -> Tensor:
@@ -70,7 +73,12 @@ class StepWork:
             return self.token_losses(batch)[0]
         with self.autocast():
             return self.model(batch.tokens.to(self.device), batch.positions.to(self.device),
-                              labels=batch.labels.to(self.device), loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
+                              labels=batch.labels.to(self.device), loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
+                              document_ids=self._document_ids(batch))
+
+    def _document_ids(self, batch: Batch) -> Tensor | None:
+        # batch: [B, S_local] -> its document ids [B, S_local], or None: unmasked attention takes the plain path
+        return batch.document_ids.to(self.device) if self.document_masks else None
 
     def accumulate_gradients(self, micro_batches: list[Batch], global_tokens: float) -> Tensor:
         """Forward and backward of every micro-batch (gradients synchronised on the last); returns the summed

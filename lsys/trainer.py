@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
-from lsys.data import Batch, EvalTotals, build_task, model_vocabulary, task_options
+from lsys.data import Batch, EvalTotals, configured_task, model_vocabulary
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import Transformer, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
@@ -95,7 +95,7 @@ class Trainer:
         self.device = session.device
         torch.manual_seed(cfg.train.seed)
         self.mesh = build_mesh(cfg.parallel, self.device.type)
-        self.task = build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, **task_options(cfg))
+        self.task = configured_task(cfg)
         self.model_cfg = replace(cfg.model, vocab_size=model_vocabulary(cfg, self.task.vocab_size))
         # Built without memory, parallelized, then each rank fills only its shards (lsys.weights).
         with torch.device("meta"):
@@ -103,7 +103,7 @@ class Trainer:
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
         materialize(self.model, self.device, seed=cfg.train.seed, pretrained=self.model_cfg.pretrained)
         self.optimizer = build_optimizer(cfg, self.model, optimizer_store)
-        self.work = StepWork(cfg, self.model, self.optimizer, self.device)
+        self.work = StepWork(cfg, self.model, self.optimizer, self.device, self.task.document_masks)
         local_batch = cfg.train.global_batch_size // self.mesh.dp_size
         self.local_batch = local_batch
         self.micro_batch = cfg.train.micro_batch_size or local_batch

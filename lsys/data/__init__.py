@@ -20,11 +20,19 @@ from __future__ import annotations
 
 from lsys.config import TASKS
 from lsys.data.prepare import prepare_text_dataset
-from lsys.data.registry import TASK_TYPES, build_task, model_vocabulary, task_options, task_type, task_vocabulary
+from lsys.data.registry import (
+    TASK_TYPES,
+    build_task,
+    configured_task,
+    model_vocabulary,
+    task_options,
+    task_type,
+    task_vocabulary,
+)
 from lsys.data.task import METRICS, SPLITS, Batch, EvalTotals, Task
 from lsys.data.tokenizer import load_tokenizer
 from lsys.data.verify import check_text_dataset, check_text_inputs
 
 __all__ = ["METRICS", "SPLITS", "TASKS", "TASK_TYPES", "Batch", "EvalTotals", "Task", "build_task",
-           "check_text_dataset", "check_text_inputs", "load_tokenizer", "model_vocabulary", "prepare_text_dataset",
-           "task_options", "task_type", "task_vocabulary"]
+           "check_text_dataset", "check_text_inputs", "configured_task", "load_tokenizer", "model_vocabulary",
+           "prepare_text_dataset", "task_options", "task_type", "task_vocabulary"]

@@ -13,12 +13,20 @@ from typing import Any
 
 import torch
 
-from lsys.data.task import Task, check_int, next_token_labels, option_error, sample_generator, take_options
+from lsys.data.task import (
+    Task,
+    check_int,
+    next_token_labels,
+    option_error,
+    pack_samples,
+    sample_generator,
+    take_options,
+)
 
 PAD, BOS = 0, 1
 FIRST_KEY = 2
 
-DEFAULTS = {"num_pairs": 8, "num_queries": None, "key_vocab": 32, "value_vocab": 32, "filler_vocab": 16}
+DEFAULTS = {"num_pairs": 8, "num_queries": None, "key_vocab": 32, "value_vocab": 32, "filler_vocab": 16, "pack": 1}
 
 
 class MqarTask(Task):
@@ -29,6 +37,9 @@ class MqarTask(Task):
     Targets are the value after each asked key (`loss_mask` True at the key); `recall_accuracy` is the share
     right.
     `num_queries` defaults to `num_pairs` (every key asked once).
+
+    `pack` > 1 packs that many samples (each seq_len / pack tokens, its own document) into one sequence:
+    sample i holds samples i * pack ... i * pack + pack - 1 of the unpacked task at that length.
     """
 
     metric_name = "recall_accuracy"
@@ -42,6 +53,12 @@ class MqarTask(Task):
         self.key_vocab = check_int("mqar", "key_vocab", opts["key_vocab"], 1)
         self.value_vocab = check_int("mqar", "value_vocab", opts["value_vocab"], 1)
         self.filler_vocab = check_int("mqar", "filler_vocab", opts["filler_vocab"], 1)
+        self.pack = check_int("mqar", "pack", opts["pack"], 1)
+        self.packed = self.pack > 1
+        if seq_len % self.pack:
+            raise option_error("mqar", "pack", self.pack, f"must divide seq_len={seq_len} (each sample gets "
+                               "seq_len / pack tokens)")
+        piece = seq_len // self.pack
         if self.num_queries > self.num_pairs:
             raise option_error("mqar", "num_queries", self.num_queries,
                                f"each key is asked at most once, so use at most num_pairs={self.num_pairs}")
@@ -49,19 +66,23 @@ class MqarTask(Task):
             raise option_error("mqar", "num_pairs", self.num_pairs,
                                f"keys are distinct, so use at most key_vocab={self.key_vocab}")
         minimum = 1 + 2 * self.num_pairs + 2 * self.num_queries
-        if seq_len < minimum:
-            raise ValueError(f"seq_len={seq_len}: mqar with num_pairs={self.num_pairs} and "
-                             f"num_queries={self.num_queries} needs at least {minimum} tokens; raise seq_len "
-                             "or lower num_pairs / num_queries")
+        if piece < minimum:
+            raise ValueError(f"seq_len={seq_len}: mqar with num_pairs={self.num_pairs}, "
+                             f"num_queries={self.num_queries} and pack={self.pack} needs at least {minimum} tokens "
+                             "per sample; raise seq_len or lower num_pairs / num_queries / pack")
         self.first_value = FIRST_KEY + self.key_vocab
         self.first_filler = self.first_value + self.value_vocab
         self.vocab_size = self.first_filler + self.filler_vocab
-        self.num_filler = seq_len - minimum
-        self._loss_mask = torch.zeros(seq_len, dtype=torch.bool)
-        self._loss_mask[seq_len - 2 * self.num_queries :: 2] = True
+        self.num_filler = piece - minimum
+        self._loss_mask = torch.zeros(piece, dtype=torch.bool)
+        self._loss_mask[piece - 2 * self.num_queries :: 2] = True
 
     def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
         self.check_index(index, split)
+        return pack_samples([self._one(index * self.pack + j, split) for j in range(self.pack)])
+
+    def _one(self, index: int, split: str) -> dict[str, torch.Tensor]:
+        # One unpacked sample of seq_len / pack tokens.
         gen = sample_generator(self.seed, split, index)
         keys = torch.randperm(self.key_vocab, generator=gen)[: self.num_pairs] + FIRST_KEY
         values = torch.randint(self.first_value, self.first_filler, (self.num_pairs,), generator=gen)

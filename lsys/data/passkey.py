@@ -15,14 +15,22 @@ from typing import Any
 
 import torch
 
-from lsys.data.task import Task, check_int, next_token_labels, sample_generator, take_options
+from lsys.data.task import (
+    Task,
+    check_int,
+    next_token_labels,
+    option_error,
+    pack_samples,
+    sample_generator,
+    take_options,
+)
 
 PAD, BOS, KEY, QUERY = 0, 1, 2, 3
 FIRST_DIGIT = 4
 # Filler on each side of the key block at the minimum length: enough that depth still varies.
 MIN_FILLER = 4
 
-DEFAULTS = {"key_len": 4, "key_vocab": 10, "filler_vocab": 16}
+DEFAULTS = {"key_len": 4, "key_vocab": 10, "filler_vocab": 16, "pack": 1}
 
 
 class PasskeyTask(Task):
@@ -33,6 +41,9 @@ class PasskeyTask(Task):
     number of filler tokens (0 to all of them), the rest of the filler follows it. Trained and evaluated
     targets are exactly the answer: at the final KEY (target d1) and at answer digits d1..d(k-1) (targets
     d2..dk). The metric `passkey_accuracy` counts a sequence right only when all k digits are.
+
+    `pack` > 1 packs that many samples (each seq_len / pack tokens, its own document) into one sequence:
+    sample i holds samples i * pack ... i * pack + pack - 1 of the unpacked task at that length.
     """
 
     metric_name = "passkey_accuracy"
@@ -43,16 +54,22 @@ class PasskeyTask(Task):
         self.key_len = check_int("passkey", "key_len", opts["key_len"], 1)
         self.key_vocab = check_int("passkey", "key_vocab", opts["key_vocab"], 1)
         self.filler_vocab = check_int("passkey", "filler_vocab", opts["filler_vocab"], 1)
+        self.pack = check_int("passkey", "pack", opts["pack"], 1)
+        self.packed = self.pack > 1
+        if seq_len % self.pack:
+            raise option_error("passkey", "pack", self.pack, f"must divide seq_len={seq_len} (each sample gets "
+                               "seq_len / pack tokens)")
+        piece = seq_len // self.pack
         minimum = self.min_seq_len(self.key_len)
-        if seq_len < minimum:
-            raise ValueError(f"seq_len={seq_len}: passkey with key_len={self.key_len} needs at least "
-                             f"{minimum} tokens; raise seq_len or lower key_len")
+        if piece < minimum:
+            raise ValueError(f"seq_len={seq_len}: passkey with key_len={self.key_len} and pack={self.pack} needs "
+                             f"at least {minimum} tokens per sample; raise seq_len or lower key_len or pack")
         self.first_filler = FIRST_DIGIT + self.key_len * self.key_vocab
         self.vocab_size = self.first_filler + self.filler_vocab
-        self.num_filler = seq_len - (2 * self.key_len + 4)
-        # The answer always ends the sequence, so the targets sit at fixed positions.
-        self._loss_mask = torch.zeros(seq_len, dtype=torch.bool)
-        self._loss_mask[seq_len - self.key_len - 1 : seq_len - 1] = True
+        self.num_filler = piece - (2 * self.key_len + 4)
+        # The answer always ends the sample, so the targets sit at fixed positions.
+        self._loss_mask = torch.zeros(piece, dtype=torch.bool)
+        self._loss_mask[piece - self.key_len - 1 : piece - 1] = True
 
     @staticmethod
     def min_seq_len(key_len: int) -> int:
@@ -61,6 +78,10 @@ class PasskeyTask(Task):
 
     def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
         self.check_index(index, split)
+        return pack_samples([self._one(index * self.pack + j, split) for j in range(self.pack)])
+
+    def _one(self, index: int, split: str) -> dict[str, torch.Tensor]:
+        # One unpacked sample of seq_len / pack tokens.
         gen = sample_generator(self.seed, split, index)
         digits = torch.randint(0, self.key_vocab, (self.key_len,), generator=gen)
         key = FIRST_DIGIT + torch.arange(self.key_len) * self.key_vocab + digits

@@ -26,17 +26,27 @@ def task_type(kind: str) -> type[Task]:
     return TASK_TYPES[kind]
 
 
-def build_task(kind: str, seq_len: int, seed: int, **options: Any) -> Task:
+def build_task(kind: str, seq_len: int, seed: int, *, document_masks: bool | None = None,
+               restart_positions: bool | None = None, **options: Any) -> Task:
     """The task `kind` ("passkey", "mqar" or "text") for sequences of `seq_len` tokens.
 
     `options` are the task's own (see PasskeyTask, MqarTask, TextTask); unknown or bad ones raise ValueError
     naming the option, the value and the fix. The text task imports megatron-core (a few seconds) only here.
+    `document_masks`, `restart_positions`: see `Task.set_documents` (None: the task's default).
     """
     cls = task_type(kind)
     check_int(kind, "seq_len", seq_len, 2)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r}: must be an integer")
-    return cls(seq_len, seed, **options)
+    task = cls(seq_len, seed, **options)
+    task.set_documents(document_masks, restart_positions)
+    return task
+
+
+def configured_task(cfg: LsysConfig) -> Task:
+    """The task the config describes, with its document options (data.document_masks, data.restart_positions)."""
+    return build_task(cfg.data.task, cfg.data.seq_len, cfg.data.seed, document_masks=cfg.data.document_masks,
+                      restart_positions=cfg.data.restart_positions, **task_options(cfg))
 
 
 def task_options(cfg: LsysConfig) -> dict[str, Any]:

@@ -22,14 +22,18 @@ class Batch:
     """A batch of next-token-prediction sequences, all `[B, S]` on one device.
 
     `labels[b, i]` is the target for position `i` (the token at `i + 1`); `loss_mask[b, i]` says whether that
-    target is trained and evaluated. `positions` are global positions `0..S-1`, so they stay correct after the
-    sequence dimension is sharded for context parallelism (RoPE needs them).
+    target is trained and evaluated. `positions` are explicit per token (`0..S-1`, or restarting at 0 with each
+    document, see `Task.restart_positions`), so they stay correct after the sequence dimension is sharded for
+    context parallelism (RoPE needs them). `document_ids` say which document each token belongs to (a packed
+    sequence holds several, each one contiguous run of ids increasing along the sequence); a sequence of one
+    document, or a task whose attention is not masked by document, has all zeros.
     """
 
     tokens: torch.Tensor  # [B, S] int64
     labels: torch.Tensor  # [B, S] int64
     loss_mask: torch.Tensor  # [B, S] bool
     positions: torch.Tensor  # [B, S] int64
+    document_ids: torch.Tensor  # [B, S] int64
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -39,8 +43,9 @@ class Batch:
 class EvalTotals:
     """Evaluation sums that add up across batches and ranks (all-reduce `to_tensor()`, then `from_tensor`).
 
-    Counts are floats so that one float64 vector carries them all. A "sequence" is a row with at least one
-    masked target; it is correct when every masked target in it is predicted right.
+    Counts are floats so that one float64 vector carries them all. A "sequence" is a document of a row (the
+    whole row unless packed) with at least one masked target; it is correct when every masked target in it is
+    predicted right.
     """
 
     loss_sum: float = 0.0  # cross-entropy in nats, summed over masked targets
@@ -118,6 +123,27 @@ def next_token_labels(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     return labels
 
 
+def pack_samples(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Samples of one document each, concatenated into one sample whose `documents` number them 0, 1, ...
+
+    Each sample's own targets stay inside it (its last label is padding, never the next sample's first token).
+    """
+    packed = {key: torch.cat([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    lengths = torch.tensor([len(s["tokens"]) for s in samples])
+    ids = torch.repeat_interleave(torch.arange(len(samples)), lengths)
+    # [S + 1]: each token's document, then the last target's (the last sample's own padding label)
+    packed["documents"] = torch.cat([ids, ids[-1:]])
+    return packed
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    # document_ids: [B, S] int64 -> positions [B, S] int64, restarting at 0 wherever the id changes
+    index = torch.arange(document_ids.shape[1]).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
 def option_error(task: str, name: str, value: Any, fix: str) -> ValueError:
     return ValueError(f"{task} option {name}={value!r}: {fix}")
 
@@ -149,12 +175,34 @@ class Task(ABC):
     vocab_size: int
     bytes_per_token: float = 0.0  # UTF-8 bytes per token for bits per byte; 0 where bytes mean nothing
     reads_dataset: ClassVar[bool] = False  # building it opens files (so the memory planner does not)
+    packed: bool = False  # several documents per sequence: masks and restarted positions are then the default
 
     def __init__(self, seq_len: int, seed: int, options: Mapping[str, Any]) -> None:
         self.seq_len = seq_len
         self.seed = seed
         self.options = dict(options)  # as given, to build the same task at another length
         self._shorter: dict[int, Task] = {}
+        self._documents: tuple[bool | None, bool | None] = (None, None)
+
+    def set_documents(self, masks: bool | None = None, restart_positions: bool | None = None) -> None:
+        """Whether attention is masked by document (`document_masks`) and positions restart at each document
+        (`restart_positions`); None is the task's default: on for a packed task, restarting iff masked."""
+        for name, value in (("data.document_masks", masks), ("data.restart_positions", restart_positions)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: use true, false or null (the task's default)")
+        self._documents = (masks, restart_positions)
+
+    @property
+    def document_masks(self) -> bool:
+        """Whether a query attends only within its document (and a document's last token has no target)."""
+        masks = self._documents[0]
+        return self.packed if masks is None else masks
+
+    @property
+    def restart_positions(self) -> bool:
+        """Whether RoPE positions restart at 0 with each document, as if each were its own sequence."""
+        restart = self._documents[1]
+        return self.document_masks if restart is None else restart
 
     @classmethod
     def vocabulary(cls, seq_len: int, seed: int, options: Mapping[str, Any]) -> int:
@@ -164,7 +212,8 @@ class Task(ABC):
 
     @abstractmethod
     def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
-        """One sequence: `tokens` [S] int64, `labels` [S] int64 (next tokens), `loss_mask` [S] bool."""
+        """One sequence: `tokens` [S] int64, `labels` [S] int64 (next tokens), `loss_mask` [S] bool; a packed
+        one adds `documents` [S + 1] int64, the document of each token and then of the last label."""
 
     def batch(self, indices: Sequence[int], split: str = "train") -> Batch:
         """Samples `indices` of `split` stacked into a CPU `Batch` [len(indices), S]."""
@@ -172,8 +221,18 @@ class Task(ABC):
         if not samples:
             raise ValueError("indices: empty; a batch needs at least one sample index")
         stacked = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
-        positions = torch.arange(self.seq_len, dtype=torch.int64).expand(len(samples), -1).contiguous()
-        return Batch(positions=positions, **stacked)
+        one_document = torch.zeros(self.seq_len + 1, dtype=torch.int64)
+        documents = torch.stack([s.get("documents", one_document) for s in samples])  # [B, S + 1]
+        document_ids = documents[:, :-1].contiguous()
+        if self.restart_positions:
+            positions = document_positions(document_ids)
+        else:
+            positions = torch.arange(self.seq_len, dtype=torch.int64).expand(len(samples), -1).contiguous()
+        if not self.document_masks:
+            return Batch(positions=positions, document_ids=torch.zeros_like(document_ids), **stacked)
+        # A document's last token cannot see the next document, so predicting its first token is not trained.
+        stacked["loss_mask"] = stacked["loss_mask"] & (documents[:, 1:] == document_ids)
+        return Batch(positions=positions, document_ids=document_ids, **stacked)
 
     def batch_of_length(self, indices: Sequence[int], length: int, split: str = "train") -> Batch:
         """Samples `indices` of `split` at `length` <= seq_len tokens, for a sequence-length curriculum.
@@ -185,6 +244,7 @@ class Task(ABC):
             return self.batch(indices, split)
         if length not in self._shorter:
             self._shorter[length] = type(self)(length, self.seed, **self.options)
+            self._shorter[length].set_documents(*self._documents)
         return self._shorter[length].batch(indices, split)
 
     def eval_totals(self, batch: Batch, predictions: torch.Tensor, token_losses: torch.Tensor) -> EvalTotals:
@@ -201,7 +261,12 @@ class Task(ABC):
         mask = batch.loss_mask.to(predictions.device)
         right = (predictions == batch.labels.to(predictions.device)) & mask
         losses = token_losses.detach().to(torch.float64).masked_fill(~mask.to(token_losses.device), 0.0)
-        targets = mask.sum(dim=1)
+        # Each (row, document) is one sequence: a packed row holds several, each right on its own.
+        rows = torch.arange(shape[0], device=mask.device).unsqueeze(1).expand(shape)
+        keys = torch.stack([rows, batch.document_ids.to(mask.device)], dim=-1).flatten(0, 1)  # [B*S, 2]
+        groups = torch.unique(keys, dim=0, return_inverse=True)[1]
+        targets = torch.bincount(groups, weights=mask.flatten().double())
+        hits = torch.bincount(groups, weights=right.flatten().double(), minlength=len(targets))
         has_targets = targets > 0
         tokens = float(targets.sum())
         return EvalTotals(
@@ -209,7 +274,7 @@ class Task(ABC):
             tokens=tokens,
             correct_tokens=float(right.sum()),
             sequences=float(has_targets.sum()),
-            correct_sequences=float((has_targets & (right.sum(dim=1) == targets)).sum()),
+            correct_sequences=float((has_targets & (hits == targets)).sum()),
             bytes=tokens * self.bytes_per_token,
         )
 

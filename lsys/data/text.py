@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -73,14 +74,20 @@ class TextTask(Task):
       split's documents, more passes reshuffle, a weighted blend rounds each dataset's share up.
     Indices past a split's length wrap around, so any index is valid.
 
-    Every position is a target (including EOD), as in Megatron's pretraining. Bits per byte uses the corpus
-    average bytes per token from the metadata: a batch of n targets stands for n * num_bytes / num_tokens
-    bytes. Summed over the whole corpus this is exact; for the byte tokenizer each token is one byte except
-    EOD, whose loss is charged to the bytes of its document, so a batch is exact up to where its EODs fall.
+    A sample packs consecutive documents, each ended by EOD (which belongs to the document it ends): the task
+    is `packed`, so by default attention stays within a document, positions restart with each and EOD's
+    target (the next document's first token) is not trained; with data.document_masks=false every position
+    is a target (including EOD), as in Megatron's pretraining. Bits per byte uses the corpus average bytes per
+    target from the metadata: a batch of n targets stands for n * num_bytes / num_tokens bytes, or with
+    document masks (one target fewer per document) n * num_bytes / (num_tokens - num_documents). Summed over
+    the whole corpus this is exact; for the byte tokenizer each token is one byte except EOD, whose loss is
+    charged to the bytes of its document, so a batch is exact up to where its EODs fall (with document masks,
+    exactly: a document's targets are then as many as its bytes).
     """
 
     metric_name = "bits_per_byte"
     reads_dataset = True
+    packed = True
 
     def __init__(self, seq_len: int, seed: int, **options: Any) -> None:
         super().__init__(seq_len, seed, options)
@@ -101,9 +108,14 @@ class TextTask(Task):
         ]
         _check_split(opts["split"])
         self.vocab_size = metadata[0]["vocab_size"]
-        ratios = np.array([m["num_bytes"] / m["num_tokens"] for m in metadata])
+        self.eod_id = metadata[0]["eod_id"]
         shares = np.array(weights or [m["num_tokens"] for m in metadata], dtype=float)
-        self.bytes_per_token = float((ratios * shares).sum() / shares.sum())
+        # Bytes per target: every token is one, except with document masks the EOD of each document.
+        self._bytes_per_target = {
+            masked: float(sum(m["num_bytes"] / max(m["num_tokens"] - masked * m["num_documents"], 1) * share
+                              for m, share in zip(metadata, shares, strict=True)) / shares.sum())
+            for masked in (False, True)
+        }
         cache_dir = opts["cache_dir"] or default_cache_dir(prefixes[0])
         check_cache_dir(cache_dir)
         self._datasets = _build_splits(prefixes, weights, sizes, opts["split"], cache_dir, seq_len, seed,
@@ -120,8 +132,11 @@ class TextTask(Task):
         """The full-length samples truncated: exact for next-token prediction, and what DeepSpeed's length
         curriculum does."""
         full = self.batch(indices, split)
-        return Batch(full.tokens[:, :length], full.labels[:, :length], full.loss_mask[:, :length],
-                     full.positions[:, :length])
+        return Batch(*(getattr(full, f.name)[:, :length] for f in fields(full)))
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self._bytes_per_target[self.document_masks]
 
     def split_length(self, split: str) -> int:
         """Distinct samples in `split` before indices wrap around."""
@@ -132,7 +147,12 @@ class TextTask(Task):
         self.check_index(index, split)
         dataset = self._datasets[split]
         item = dataset[index % len(dataset)]
-        return {"tokens": item["tokens"], "labels": item["labels"], "loss_mask": item["loss_mask"].bool()}
+        tokens = item["tokens"]
+        # Documents counted by the EODs before each token, then before the last label: [S + 1].
+        ends = (tokens == self.eod_id).to(torch.int64)
+        documents = torch.cat([ends.new_zeros(1), ends]).cumsum(0)
+        return {"tokens": tokens, "labels": item["labels"], "loss_mask": item["loss_mask"].bool(),
+                "documents": documents}
 
 
 def _prefixes(path: Any) -> list[str]:

@@ -93,7 +93,7 @@ def _batches(cfg: LsysConfig, dp: int) -> list[Batch]:
     s = cfg.data.seq_len
     tokens = torch.zeros(micro, s, dtype=torch.int64)
     positions = torch.arange(s, dtype=torch.int64).expand(micro, s).contiguous()
-    return [Batch(tokens, tokens.clone(), torch.ones(micro, s, dtype=torch.bool), positions.clone())
+    return [Batch(tokens, tokens.clone(), torch.ones(micro, s, dtype=torch.bool), positions.clone(), tokens.clone())
             for _ in range(local // micro)]
 
 

@@ -54,6 +54,11 @@ BAD = [
     (["data.task=wiki"], "data.task='wiki': choose one of passkey, mqar, text"),
     (["data.task=text"], "data.text.path"),
     (["data.seq_len=4"], "data.seq_len=4"),
+    (["data.passkey.pack=3"], "data.passkey.pack=3: must divide data.seq_len=256"),
+    (["data.task=mqar", "data.mqar.pack=0"], "data.mqar.pack=0: use 1"),
+    (["data.passkey.pack=2", "data.curriculum.start_len=32", "data.curriculum.steps=9"], "data.passkey.pack=2: "
+     "packing with a sequence-length curriculum"),
+    (["data.document_masks=sometimes"], "data.document_masks"),
     (["train.steps=0"], "train.steps=0"),
     (["train.min_lr=1.0", "train.lr=0.1"], "train.min_lr=1.0"),
     (["train.warmup_steps=-1"], "train.warmup_steps=-1"),

@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 import random
@@ -157,11 +158,47 @@ def test_metrics_formulas_and_unknown_metric():
         ("mqar", 64, {"num_pairs": 40}, "num_pairs=40: .*key_vocab=32"),
         ("mqar", 20, {"num_pairs": 8}, "seq_len=20: .*at least 33"),
         ("mqar", 1, {}, "seq_len=1"),
+        ("passkey", 64, {"pack": 3}, "pack=3: must divide seq_len=64"),
+        ("passkey", 64, {"pack": 8}, "pack=8 needs at least 16 tokens per sample"),
+        ("mqar", 64, {"pack": 0}, "pack=0: must be an integer >= 1"),
+        ("passkey", 64, {"document_masks": "yes"}, "data.document_masks='yes': use true, false or null"),
+        ("mqar", 64, {"restart_positions": 1}, "data.restart_positions=1"),
     ],
 )
 def test_bad_options_name_the_option_value_and_fix(kind, seq_len, options, match):
     with pytest.raises(ValueError, match=match):
         build_task(kind, seq_len, seed=0, **options)
+
+
+@pytest.mark.parametrize("kind", SYNTHETIC)
+def test_packed_synthetic_samples_decode_to_their_parts(kind):
+    # pack=4 at 64 tokens: each row is samples 4i..4i+3 of the unpacked task at 16 tokens, one document each.
+    options = {"passkey": {"key_len": 2}, "mqar": {"num_pairs": 2, "num_queries": 2}}[kind]
+    packed = build_task(kind, 64, seed=7, pack=4, **options)
+    single = build_task(kind, 16, seed=7, **options)
+    batch = packed.batch([0, 3], "valid")
+    assert packed.document_masks and packed.restart_positions
+    for row, index in enumerate((0, 3)):
+        parts = single.batch(range(4 * index, 4 * index + 4), "valid")
+        for name in ("tokens", "labels", "loss_mask", "positions"):
+            torch.testing.assert_close(getattr(batch, name)[row].view(4, 16), getattr(parts, name), msg=name)
+        torch.testing.assert_close(batch.document_ids[row], torch.arange(4).repeat_interleave(16))
+    # Evaluation counts documents: one wrong answer spoils one of the eight, not its whole row.
+    wrong = batch.labels.clone()
+    wrong[1, batch.loss_mask[1].nonzero()[-1]] = 0
+    totals = packed.eval_totals(batch, wrong, torch.zeros(2, 64))
+    assert (totals.sequences, totals.correct_sequences) == (8, 7)
+    # Masks off: one document per row, global positions, the same targets (samples never cross anyway).
+    plain = build_task(kind, 64, seed=7, pack=4, document_masks=False, **options).batch([0, 3], "valid")
+    assert not plain.document_ids.any()
+    torch.testing.assert_close(plain.positions, torch.arange(64).expand(2, 64))
+    torch.testing.assert_close(plain.loss_mask, batch.loss_mask)
+    kept = build_task(kind, 64, seed=7, pack=4, restart_positions=False, **options).batch([0, 3], "valid")
+    torch.testing.assert_close(kept.positions, plain.positions)
+    torch.testing.assert_close(kept.document_ids, batch.document_ids)
+    # The curriculum's shorter task keeps the document options.
+    assert not build_task(kind, 64, seed=7, pack=4, document_masks=False, **options).batch_of_length(
+        [0], 48).document_ids.any()
 
 
 def test_bad_index_or_split():
@@ -219,8 +256,9 @@ def test_indexed_dataset_reads_back_the_exact_ids(corpus):
 
 
 def test_text_samples_are_real_next_token_pairs_and_deterministic(corpus, tmp_path):
+    # The Megatron samples as they are: one document per sequence for attention, every position a target.
     root, paragraphs, stats = corpus
-    task = build_task("text", 64, seed=1, path=str(root / "bytes"))
+    task = build_task("text", 64, seed=1, path=str(root / "bytes"), document_masks=False)
     assert task.vocab_size == 258 and task.metric_name == "bits_per_byte"
     assert task.bytes_per_token == pytest.approx(stats["num_bytes"] / stats["num_tokens"])
     text = "\n".join(paragraphs).encode("utf-8")
@@ -325,8 +363,14 @@ def _text_tokens_on_rank(prefixes: list[str], cache_dir: str) -> dict[str, torch
         "blend": blend.batch(range(8)).tokens,
         "weighted": weighted.batch(range(8), "valid").tokens,
         "sizes": torch.tensor([weighted.split_length("train"), weighted.split_length("valid")]),
-        "bytes_per_token": torch.tensor([blend.bytes_per_token, weighted.bytes_per_token]).double(),
+        "masked_bytes_per_token": torch.tensor([blend.bytes_per_token, weighted.bytes_per_token]).double(),
+        "bytes_per_token": torch.tensor([_unmasked_bytes_per_token(t) for t in (blend, weighted)]).double(),
     }
+
+
+def _unmasked_bytes_per_token(task) -> float:
+    task.set_documents(masks=False)
+    return task.bytes_per_token
 
 
 def test_text_task_under_a_gloo_process_group(corpus, tmp_path):
@@ -348,6 +392,8 @@ def test_text_task_under_a_gloo_process_group(corpus, tmp_path):
     by_size = (first["num_bytes"] + second["num_bytes"]) / (first["num_tokens"] + second["num_tokens"])
     torch.testing.assert_close(results[0]["bytes_per_token"],
                                torch.tensor([by_size, (ratio[0] + 3 * ratio[1]) / 4], dtype=torch.float64))
+    # With document masks each document's EOD target is dropped: the byte tokenizer's targets are its bytes.
+    torch.testing.assert_close(results[0]["masked_bytes_per_token"], torch.ones(2, dtype=torch.float64))
 
 
 def test_tasks_tuple():
@@ -371,3 +417,28 @@ def test_text_curriculum_batches_are_truncated(corpus):
     full, short = task.batch(range(3)), task.batch_of_length(range(3), 16)
     for name in ("tokens", "labels", "loss_mask", "positions"):
         torch.testing.assert_close(getattr(short, name), getattr(full, name)[:, :16])
+
+
+def test_text_documents_end_at_eod(corpus):
+    # Document ids count the EODs before each token (EOD ends its own document); positions restart after each;
+    # EOD's target, the next document's first token, is not trained.
+    root, _, stats = corpus
+    masked = build_task("text", 64, seed=1, path=str(root / "bytes"))
+    plain = build_task("text", 64, seed=1, path=str(root / "bytes"), document_masks=False)
+    restarted = build_task("text", 64, seed=1, path=str(root / "bytes"), document_masks=False,
+                           restart_positions=True)
+    batch, old, moved = masked.batch(range(8)), plain.batch(range(8)), restarted.batch(range(8))
+    eod = batch.tokens == stats["eod_id"]
+    assert eod.any(dim=1).sum() >= 4  # rows with and without a document boundary
+    torch.testing.assert_close(batch.document_ids, eod.long().cumsum(1) - eod.long())
+    torch.testing.assert_close(batch.loss_mask, ~eod)
+    for b in range(8):
+        starts = [0, *(eod[b].nonzero().flatten() + 1).tolist(), 64]
+        expected = torch.cat([torch.arange(end - start) for start, end in itertools.pairwise(starts) if end > start])
+        torch.testing.assert_close(batch.positions[b], expected)
+    torch.testing.assert_close(moved.positions, batch.positions)
+    assert not old.document_ids.any() and not moved.document_ids.any() and old.loss_mask.all()
+    torch.testing.assert_close(old.positions, torch.arange(64).expand(8, 64))
+    # The byte tokenizer: with EOD's target dropped, every target stands for exactly one byte.
+    assert masked.bytes_per_token == pytest.approx(1.0)
+    assert plain.bytes_per_token == pytest.approx(stats["num_bytes"] / stats["num_tokens"])

@@ -5,6 +5,7 @@ Runs use float64 parameters and compute so that "equal" means equal up to summat
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from typing import Any
@@ -47,6 +48,34 @@ def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
     results = run_ranks(losses_and_grads, 2, tiny_config(tmp_path, *overrides))
     for result in results:
         assert_same_training(result, one_rank)
+
+
+def _document_masks_ready() -> bool:
+    """Whether the local and the context-parallel attention take document ids (built alongside this)."""
+    from kernels.attention import attention as local_attention
+    from parallel.context import attention as cp_attention
+
+    return all("document_ids" in inspect.signature(fn).parameters for fn in (local_attention, cp_attention))
+
+
+def _each_config(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Several layouts of one world size in one spawn: far cheaper than a spawn per layout.
+    return [losses_and_grads(values) for values in configs]
+
+
+# Two passkey samples of 16 tokens per sequence: document masks and restarted positions are on.
+PACKED = ("data.passkey.pack=2",)
+
+
+@pytest.mark.skipif(not _document_masks_ready(), reason="needs document ids in kernels.attention.attention and "
+                    "parallel.context.attention, which are built separately")
+def test_packed_documents_train_exactly_like_one_rank(tmp_path):
+    reference = run_ranks(losses_and_grads, 1, tiny_config(tmp_path / "one", *PACKED))[0]
+    layouts = [("parallel.dp=2",), ("parallel.tp=2",), ("parallel.cp_ring=2",)]
+    configs = [tiny_config(tmp_path / layout[0], *PACKED, *layout) for layout in layouts]
+    for per_rank in run_ranks(_each_config, 2, configs):
+        for result in per_rank:
+            assert_same_training(result, reference)
 
 
 @pytest.mark.parametrize("overrides", [
