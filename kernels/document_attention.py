@@ -1,23 +1,36 @@
-"""Document-masked block attention on the aten path: one flash call per document, so masked-out work costs nothing.
+"""Document-masked block attention on the aten path: flash calls per document, so masked-out work costs nothing.
 
 Packed data gives every batch row a few contiguous documents. A query attends only to keys of its own document,
-so the attention of a row is the independent attention of each document's query rows on its key rows. Each of
-those is one call of torch's CPU flash op: causal when the document's query and key rows start at the same
-position (then top-left causal inside the document is the block's causal mask), full when every key of the
-document lies at or before its first query, none when every key lies after its last query. Any other row (ids
-that are not contiguous runs, or a causal document whose rows are offset) takes the exact dense masked path of
-kernels.reference, correct but slow.
+so the attention of a row is the independent attention of each document's query rows on its key rows: causal
+when the document's query and key rows start at the same position (then top-left causal inside the document is
+the block's causal mask), full when every key of the document lies at or before its first query, nothing when
+every key lies after its last query. Documents of one shape (over all batch rows) are gathered into one batch
+for a single call of torch's CPU flash op: each call has a fixed cost (a parallel region), which dominates for
+short documents. Any other row (ids that are not contiguous runs, or a causal document whose rows are offset)
+takes the exact dense masked path of kernels.reference, correct but slow.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from kernels.reference import reference_attention_backward, reference_attention_forward
 
-# (q start, q end, k start, k end, causal) of one document inside one batch row.
-Segment = tuple[int, int, int, int, bool]
+
+@dataclass
+class DocumentPlan:
+    """How a document-masked block is computed: flash calls on gathered documents, and rows done densely.
+
+    groups: (causal, q rows [n, Lq], k rows [n, Lk]) -- n documents of one shape, each a row of indices into
+    the flattened [B * Sq] queries and [B * Sk] keys, so one flash call serves them all.
+    dense_rows: batch rows that take the exact dense masked path instead.
+    """
+
+    groups: list[tuple[bool, Tensor, Tensor]] = field(default_factory=list)
+    dense_rows: list[int] = field(default_factory=list)
 
 
 def check_document_ids(q: Tensor, k: Tensor, q_docs: Tensor | None, k_docs: Tensor | None) -> None:
@@ -46,59 +59,87 @@ def _runs(ids: list[int]) -> dict[int, tuple[int, int]] | None:
     return runs
 
 
-def document_segments(q_docs: Tensor, k_docs: Tensor, causal: bool) -> list[list[Segment] | None]:
-    """Per batch row, the flash calls that make up its document-masked attention; None where the row needs the
-    dense fallback. q_docs [B, Sq], k_docs [B, Sk]."""
-    plans: list[list[Segment] | None] = []
-    for q_row, k_row in zip(q_docs.tolist(), k_docs.tolist(), strict=True):
-        q_runs, k_runs = _runs(q_row), _runs(k_row)
-        if q_runs is None or k_runs is None:
-            plans.append(None)
+def _row_segments(q_row: list[int], k_row: list[int], causal: bool) -> list[tuple[int, int, int, int, bool]] | None:
+    # (q start, q end, k start, k end, causal) per document of one batch row; None: use the dense path.
+    q_runs, k_runs = _runs(q_row), _runs(k_row)
+    if q_runs is None or k_runs is None:
+        return None
+    segments = []
+    for doc, (qs, qe) in q_runs.items():
+        if doc not in k_runs:
+            continue  # no key of this document here: its rows stay out 0, lse -inf
+        ks, ke = k_runs[doc]
+        if not causal or ke - 1 <= qs:
+            segments.append((qs, qe, ks, ke, False))
+        elif qs == ks:
+            segments.append((qs, qe, ks, ke, True))
+        elif ks < qe:
+            return None  # causal diagonal offset inside the document
+        # else every key comes after every query: nothing to compute
+    return segments
+
+
+def plan_documents(q_docs: Tensor, k_docs: Tensor, causal: bool) -> DocumentPlan:
+    """q_docs [B, Sq], k_docs [B, Sk] -> the flash calls (grouped by document shape) and the dense rows."""
+    seq_q, seq_k = q_docs.shape[1], k_docs.shape[1]
+    plan = DocumentPlan()
+    starts: dict[tuple[int, int, bool], list[tuple[int, int]]] = {}
+    for b, (q_row, k_row) in enumerate(zip(q_docs.tolist(), k_docs.tolist(), strict=True)):
+        segments = _row_segments(q_row, k_row, causal)
+        if segments is None:
+            plan.dense_rows.append(b)
             continue
-        segments: list[Segment] | None = []
-        for doc, (qs, qe) in q_runs.items():
-            if doc not in k_runs:
-                continue  # no key of this document here: its rows stay out 0, lse -inf
-            ks, ke = k_runs[doc]
-            if not causal or ke - 1 <= qs:
-                segments.append((qs, qe, ks, ke, False))
-            elif qs == ks:
-                segments.append((qs, qe, ks, ke, True))
-            elif ks >= qe:
-                continue  # every key comes after every query
-            else:
-                segments = None  # causal diagonal offset inside the document
-                break
-        plans.append(segments)
-    return plans
+        for qs, qe, ks, ke, seg_causal in segments:
+            starts.setdefault((qe - qs, ke - ks, seg_causal), []).append((b * seq_q + qs, b * seq_k + ks))
+    for (len_q, len_k, seg_causal), pairs in starts.items():
+        first = torch.tensor(pairs, dtype=torch.int64, device=q_docs.device)
+        q_rows = first[:, :1] + torch.arange(len_q, device=q_docs.device)
+        k_rows = first[:, 1:] + torch.arange(len_k, device=q_docs.device)
+        plan.groups.append((seg_causal, q_rows, k_rows))
+    return plan
 
 
-def _flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
-    # q: [1, Sq, H, D]; k, v: [1, Sk, H, D] -> out [1, Sq, H, D], lse [1, H, Sq]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
-    )[:2]
-    return out.transpose(1, 2), lse
+def _take(flat: Tensor, rows: Tensor) -> Tensor:
+    """flat [N, ...] rows [n, L] -> [n, L, ...]. index_select (advanced indexing is several times slower on CPU);
+    a lone document is a plain slice, no copy."""
+    if rows.shape[0] == 1:
+        return flat.narrow(0, int(rows[0, 0]), rows.shape[1])[None]
+    return flat.index_select(0, rows.flatten()).view(*rows.shape, *flat.shape[1:])
+
+
+def _put(flat: Tensor, rows: Tensor, values: Tensor) -> None:
+    """flat[rows] = values for rows [n, L] and values [n, L, ...], in place."""
+    if rows.shape[0] == 1:
+        flat.narrow(0, int(rows[0, 0]), rows.shape[1]).copy_(values[0])
+    else:
+        flat.index_copy_(0, rows.flatten(), values.reshape(-1, *flat.shape[1:]))
 
 
 def document_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, q_docs: Tensor, k_docs: Tensor, *, causal: bool, scale: float | None
 ) -> tuple[Tensor, Tensor]:
     """q: [B, Sq, H, D]; k, v: [B, Sk, H, D]; q_docs [B, Sq], k_docs [B, Sk] -> out [B, Sq, H, D], lse [B, H, Sq]."""
+    batch, seq_q, heads, _ = q.shape
+    plan = plan_documents(q_docs, k_docs, causal)
+    q_flat, k_flat, v_flat = (t.flatten(0, 1) for t in (q, k, v))
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     acc = torch.promote_types(q.dtype, torch.float32)
-    out = torch.zeros_like(q)
-    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
-    for b, segments in enumerate(document_segments(q_docs, k_docs, causal)):
+    lse = torch.full((batch, seq_q, heads), float("-inf"), dtype=acc, device=q.device)  # transposed until the end
+    out_flat, lse_flat = out.view(-1, *q.shape[2:]), lse.view(-1, heads)
+    for seg_causal, q_rows, k_rows in plan.groups:
+        # documents of one shape as a batch: [n, Lq, H, D] against [n, Lk, H, D]
+        seg_out, seg_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _take(q_flat, q_rows).transpose(1, 2), _take(k_flat, k_rows).transpose(1, 2),
+            _take(v_flat, k_rows).transpose(1, 2), 0.0, seg_causal, scale=scale,
+        )[:2]
+        _put(out_flat, q_rows, seg_out.transpose(1, 2))
+        _put(lse_flat, q_rows, seg_lse.transpose(1, 2))
+    lse = lse.transpose(1, 2).contiguous()
+    for b in plan.dense_rows:
         rows = slice(b, b + 1)
-        if segments is None:
-            out[rows], lse[rows] = reference_attention_forward(
-                q[rows], k[rows], v[rows], causal=causal, scale=scale, q_docs=q_docs[rows], k_docs=k_docs[rows]
-            )
-            continue
-        for qs, qe, ks, ke, seg_causal in segments:
-            out[rows, qs:qe], lse[rows, :, qs:qe] = _flash_forward(
-                q[rows, qs:qe], k[rows, ks:ke], v[rows, ks:ke], seg_causal, scale
-            )
+        out[rows], lse[rows] = reference_attention_forward(
+            q[rows], k[rows], v[rows], causal=causal, scale=scale, q_docs=q_docs[rows], k_docs=k_docs[rows]
+        )
     return out, lse
 
 
@@ -107,21 +148,25 @@ def document_attention_backward(
     causal: bool, scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] (global) -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D]."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for b, segments in enumerate(document_segments(q_docs, k_docs, causal)):
+    plan = plan_documents(q_docs, k_docs, causal)
+    dout_flat, q_flat, out_flat, k_flat, v_flat = (t.flatten(0, 1) for t in (dout, q, out, k, v))
+    lse_flat = lse.transpose(1, 2).flatten(0, 1)  # [B * Sq, H]
+    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    dq_flat, dk_flat, dv_flat = (t.view(-1, *t.shape[2:]) for t in (dq, dk, dv))
+    # Each query row and each key row belongs to one document, so gradients are written, never summed.
+    for seg_causal, q_rows, k_rows in plan.groups:
+        seg_dout, seg_q, seg_out = (_take(t, q_rows).transpose(1, 2) for t in (dout_flat, q_flat, out_flat))
+        seg_k, seg_v = (_take(t, k_rows).transpose(1, 2) for t in (k_flat, v_flat))
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            seg_dout, seg_q, seg_k, seg_v, seg_out, _take(lse_flat, q_rows).transpose(1, 2).contiguous(), 0.0,
+            seg_causal, scale=scale,
+        )
+        for flat, rows, grad in zip((dq_flat, dk_flat, dv_flat), (q_rows, k_rows, k_rows), grads, strict=True):
+            _put(flat, rows, grad.transpose(1, 2))
+    for b in plan.dense_rows:
         rows = slice(b, b + 1)
-        if segments is None:
-            dq[rows], dk[rows], dv[rows] = reference_attention_backward(
-                dout[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], causal=causal, scale=scale,
-                q_docs=q_docs[rows], k_docs=k_docs[rows],
-            )
-            continue
-        # Each query row and each key row belongs to one segment, so gradients are written, never summed.
-        for qs, qe, ks, ke, seg_causal in segments:
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout[rows, qs:qe].transpose(1, 2), q[rows, qs:qe].transpose(1, 2), k[rows, ks:ke].transpose(1, 2),
-                v[rows, ks:ke].transpose(1, 2), out[rows, qs:qe].transpose(1, 2),
-                lse[rows, :, qs:qe].contiguous(), 0.0, seg_causal, scale=scale,
-            )
-            dq[rows, qs:qe], dk[rows, ks:ke], dv[rows, ks:ke] = (g.transpose(1, 2) for g in grads)
+        dq[rows], dk[rows], dv[rows] = reference_attention_backward(
+            dout[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], causal=causal, scale=scale,
+            q_docs=q_docs[rows], k_docs=k_docs[rows],
+        )
     return dq, dk, dv
