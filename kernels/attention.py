@@ -50,11 +50,9 @@ def attention_forward(
     if backend == "reference":
         return reference_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
     if backend == "triton":
-        if q_docs is not None:
-            raise NotImplementedError("document masks on the triton backend")
         from kernels.triton_attention import triton_attention_forward
 
-        return triton_attention_forward(q, k, v, causal=causal, scale=scale)
+        return triton_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
     if q_docs is not None:
         return document_attention_forward(q, k, v, q_docs, k_docs, causal=causal, scale=scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -86,11 +84,10 @@ def attention_backward(
         return reference_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
                                             k_docs=k_docs)
     if backend == "triton":
-        if q_docs is not None:
-            raise NotImplementedError("document masks on the triton backend")
         from kernels.triton_attention import triton_attention_backward
 
-        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
+                                         k_docs=k_docs)
     if q_docs is not None:
         return document_attention_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal=causal, scale=scale)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
