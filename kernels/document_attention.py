@@ -20,17 +20,49 @@ from torch import Tensor
 from kernels.reference import reference_attention_backward, reference_attention_forward
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Documents of `length` rows each in a flattened [N, ...] tensor (N = B * S), one starting at each of `starts`."""
+
+    starts: list[int]
+    length: int
+
+    def _back_to_back(self) -> bool:
+        # Documents that follow each other directly are a [len(starts), length] view: no gather, no scatter.
+        return all(b - a == self.length for a, b in zip(self.starts, self.starts[1:], strict=False))
+
+    def index(self, device: torch.device) -> Tensor:
+        """[len(starts) * length] flat row indices."""
+        starts = torch.tensor(self.starts, dtype=torch.int64, device=device)
+        return (starts[:, None] + torch.arange(self.length, device=device)).flatten()
+
+    def take(self, flat: Tensor) -> Tensor:
+        """flat [N, ...] -> [len(starts), length, ...]. index_select: advanced indexing is several times slower."""
+        if self._back_to_back():
+            return flat.narrow(0, self.starts[0], len(self.starts) * self.length).view(-1, self.length, *flat.shape[1:])
+        return flat.index_select(0, self.index(flat.device)).view(-1, self.length, *flat.shape[1:])
+
+    def put(self, flat: Tensor, values: Tensor) -> None:
+        """flat[these rows] = values [len(starts), length, ...], in place."""
+        if self._back_to_back():
+            flat.narrow(0, self.starts[0], len(self.starts) * self.length).copy_(values.flatten(0, 1))
+        else:
+            flat.index_copy_(0, self.index(flat.device), values.flatten(0, 1))
+
+
 @dataclass
 class DocumentPlan:
     """How a document-masked block is computed: flash calls on gathered documents, and rows done densely.
 
-    groups: (causal, q rows [n, Lq], k rows [n, Lk]) -- n documents of one shape, each a row of indices into
-    the flattened [B * Sq] queries and [B * Sk] keys, so one flash call serves them all.
+    groups: (causal, query rows, key rows): documents of one shape, so one flash call serves them all.
     dense_rows: batch rows that take the exact dense masked path instead.
+    q_idle, k_idle: flat query / key rows no group or dense row touches (no key; no query): they stay zero.
     """
 
-    groups: list[tuple[bool, Tensor, Tensor]] = field(default_factory=list)
+    groups: list[tuple[bool, Rows, Rows]] = field(default_factory=list)
     dense_rows: list[int] = field(default_factory=list)
+    q_idle: Tensor | None = None
+    k_idle: Tensor | None = None
 
 
 def check_document_ids(q: Tensor, k: Tensor, q_docs: Tensor | None, k_docs: Tensor | None) -> None:
@@ -91,28 +123,16 @@ def plan_documents(q_docs: Tensor, k_docs: Tensor, causal: bool) -> DocumentPlan
             continue
         for qs, qe, ks, ke, seg_causal in segments:
             starts.setdefault((qe - qs, ke - ks, seg_causal), []).append((b * seq_q + qs, b * seq_k + ks))
+    busy = [torch.zeros(ids.numel(), dtype=torch.bool) for ids in (q_docs, k_docs)]
+    for b in plan.dense_rows:
+        busy[0][b * seq_q:(b + 1) * seq_q] = busy[1][b * seq_k:(b + 1) * seq_k] = True
     for (len_q, len_k, seg_causal), pairs in starts.items():
-        first = torch.tensor(pairs, dtype=torch.int64, device=q_docs.device)
-        q_rows = first[:, :1] + torch.arange(len_q, device=q_docs.device)
-        k_rows = first[:, 1:] + torch.arange(len_k, device=q_docs.device)
+        q_rows, k_rows = Rows([p[0] for p in pairs], len_q), Rows([p[1] for p in pairs], len_k)
         plan.groups.append((seg_causal, q_rows, k_rows))
+        for used, rows in zip(busy, (q_rows, k_rows), strict=True):
+            used[rows.index(used.device)] = True
+    plan.q_idle, plan.k_idle = ((~used).nonzero().flatten().to(q_docs.device) for used in busy)
     return plan
-
-
-def _take(flat: Tensor, rows: Tensor) -> Tensor:
-    """flat [N, ...] rows [n, L] -> [n, L, ...]. index_select (advanced indexing is several times slower on CPU);
-    a lone document is a plain slice, no copy."""
-    if rows.shape[0] == 1:
-        return flat.narrow(0, int(rows[0, 0]), rows.shape[1])[None]
-    return flat.index_select(0, rows.flatten()).view(*rows.shape, *flat.shape[1:])
-
-
-def _put(flat: Tensor, rows: Tensor, values: Tensor) -> None:
-    """flat[rows] = values for rows [n, L] and values [n, L, ...], in place."""
-    if rows.shape[0] == 1:
-        flat.narrow(0, int(rows[0, 0]), rows.shape[1]).copy_(values[0])
-    else:
-        flat.index_copy_(0, rows.flatten(), values.reshape(-1, *flat.shape[1:]))
 
 
 def document_attention_forward(
@@ -122,18 +142,21 @@ def document_attention_forward(
     batch, seq_q, heads, _ = q.shape
     plan = plan_documents(q_docs, k_docs, causal)
     q_flat, k_flat, v_flat = (t.flatten(0, 1) for t in (q, k, v))
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    # Every row is written by a group or a dense row, except the idle ones: only those are filled.
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     acc = torch.promote_types(q.dtype, torch.float32)
-    lse = torch.full((batch, seq_q, heads), float("-inf"), dtype=acc, device=q.device)  # transposed until the end
+    lse = torch.empty(batch, seq_q, heads, dtype=acc, device=q.device)  # transposed until the end
     out_flat, lse_flat = out.view(-1, *q.shape[2:]), lse.view(-1, heads)
+    out_flat.index_fill_(0, plan.q_idle, 0.0)
+    lse_flat.index_fill_(0, plan.q_idle, float("-inf"))
     for seg_causal, q_rows, k_rows in plan.groups:
         # documents of one shape as a batch: [n, Lq, H, D] against [n, Lk, H, D]
         seg_out, seg_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _take(q_flat, q_rows).transpose(1, 2), _take(k_flat, k_rows).transpose(1, 2),
-            _take(v_flat, k_rows).transpose(1, 2), 0.0, seg_causal, scale=scale,
+            q_rows.take(q_flat).transpose(1, 2), k_rows.take(k_flat).transpose(1, 2),
+            k_rows.take(v_flat).transpose(1, 2), 0.0, seg_causal, scale=scale,
         )[:2]
-        _put(out_flat, q_rows, seg_out.transpose(1, 2))
-        _put(lse_flat, q_rows, seg_lse.transpose(1, 2))
+        q_rows.put(out_flat, seg_out.transpose(1, 2))
+        q_rows.put(lse_flat, seg_lse.transpose(1, 2))
     lse = lse.transpose(1, 2).contiguous()
     for b in plan.dense_rows:
         rows = slice(b, b + 1)
@@ -151,18 +174,20 @@ def document_attention_backward(
     plan = plan_documents(q_docs, k_docs, causal)
     dout_flat, q_flat, out_flat, k_flat, v_flat = (t.flatten(0, 1) for t in (dout, q, out, k, v))
     lse_flat = lse.transpose(1, 2).flatten(0, 1)  # [B * Sq, H]
-    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dq_flat, dk_flat, dv_flat = (t.view(-1, *t.shape[2:]) for t in (dq, dk, dv))
+    for flat, idle in ((dq_flat, plan.q_idle), (dk_flat, plan.k_idle), (dv_flat, plan.k_idle)):
+        flat.index_fill_(0, idle, 0.0)
     # Each query row and each key row belongs to one document, so gradients are written, never summed.
     for seg_causal, q_rows, k_rows in plan.groups:
-        seg_dout, seg_q, seg_out = (_take(t, q_rows).transpose(1, 2) for t in (dout_flat, q_flat, out_flat))
-        seg_k, seg_v = (_take(t, k_rows).transpose(1, 2) for t in (k_flat, v_flat))
+        seg_dout, seg_q, seg_out = (q_rows.take(t).transpose(1, 2) for t in (dout_flat, q_flat, out_flat))
+        seg_k, seg_v = (k_rows.take(t).transpose(1, 2) for t in (k_flat, v_flat))
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            seg_dout, seg_q, seg_k, seg_v, seg_out, _take(lse_flat, q_rows).transpose(1, 2).contiguous(), 0.0,
+            seg_dout, seg_q, seg_k, seg_v, seg_out, q_rows.take(lse_flat).transpose(1, 2).contiguous(), 0.0,
             seg_causal, scale=scale,
         )
         for flat, rows, grad in zip((dq_flat, dk_flat, dv_flat), (q_rows, k_rows, k_rows), grads, strict=True):
-            _put(flat, rows, grad.transpose(1, 2))
+            rows.put(flat, grad.transpose(1, 2))
     for b in plan.dense_rows:
         rows = slice(b, b + 1)
         dq[rows], dk[rows], dv[rows] = reference_attention_backward(
