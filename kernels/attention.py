@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from kernels.dispatch import resolve_backend
+from kernels.document_attention import check_document_ids, document_attention_backward, document_attention_forward
 from kernels.reference import reference_attention_backward, reference_attention_forward
 
 BACKENDS = ("auto", "aten", "triton", "reference")
@@ -44,15 +45,16 @@ def attention_forward(
     own document; a query row with no key to attend gets out 0 and lse -inf.
     """
     _check_shapes(q, k, v)
+    check_document_ids(q, k, q_docs, k_docs)
     backend = _resolve(backend, q)
     if backend == "reference":
         return reference_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
-    if q_docs is not None:
-        raise NotImplementedError(f"document masks on the {backend} backend")
     if backend == "triton":
         from kernels.triton_attention import triton_attention_forward
 
-        return triton_attention_forward(q, k, v, causal=causal, scale=scale)
+        return triton_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
+    if q_docs is not None:
+        return document_attention_forward(q, k, v, q_docs, k_docs, causal=causal, scale=scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
     )
@@ -76,16 +78,18 @@ def attention_backward(
     """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D] (input dtypes).
     q_docs, k_docs: the document ids of `attention_forward`."""
     _check_shapes(q, k, v)
+    check_document_ids(q, k, q_docs, k_docs)
     backend = _resolve(backend, q)
     if backend == "reference":
         return reference_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
                                             k_docs=k_docs)
-    if q_docs is not None:
-        raise NotImplementedError(f"document masks on the {backend} backend")
     if backend == "triton":
         from kernels.triton_attention import triton_attention_backward
 
-        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
+                                         k_docs=k_docs)
+    if q_docs is not None:
+        return document_attention_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal=causal, scale=scale)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.transpose(1, 2),
         q.transpose(1, 2),
@@ -126,30 +130,36 @@ def check_gqa(q: Tensor, k: Tensor) -> None:
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend):
+    def forward(ctx, q, k, v, causal, scale, backend, docs):
         k_full, v_full = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
-        out, lse = attention_forward(q, k_full, v_full, causal=causal, scale=scale, backend=backend)
+        out, lse = attention_forward(q, k_full, v_full, causal=causal, scale=scale, backend=backend, q_docs=docs,
+                                     k_docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (causal, scale, backend)
+        ctx.options = (causal, scale, backend, docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, backend = ctx.options
+        causal, scale, backend, docs = ctx.options
         k_full, v_full = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
         dq, dk, dv = attention_backward(
-            dout.contiguous(), q, k_full, v_full, out, lse, causal=causal, scale=scale, backend=backend
+            dout.contiguous(), q, k_full, v_full, out, lse, causal=causal, scale=scale, backend=backend, q_docs=docs,
+            k_docs=docs,
         )
-        return dq, reduce_kv_heads(dk, k.shape[2]), reduce_kv_heads(dv, k.shape[2]), None, None, None
+        return dq, reduce_kv_heads(dk, k.shape[2]), reduce_kv_heads(dv, k.shape[2]), None, None, None, None
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto",
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Differentiable single-device attention with GQA. q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D].
 
-    Saves only q, k, v, out and lse (flash-style: the [S, S] probabilities are never stored).
+    document_ids [B, S] (packed documents): a query attends only to keys of its own document; a row with no key
+    gives 0. Saves only q, k, v, out and lse (flash-style: the [S, S] probabilities are never stored).
     """
     check_gqa(q, k)
-    return _Attention.apply(q, k, v, causal, scale, backend)
+    if document_ids is not None and q.shape[1] != k.shape[1]:
+        raise ValueError(f"document_ids need equal query and key lengths; got {q.shape[1]} and {k.shape[1]}")
+    return _Attention.apply(q, k, v, causal, scale, backend, document_ids)

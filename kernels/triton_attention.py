@@ -10,6 +10,10 @@ ring attention is the GLOBAL lse over all key blocks. Causal masking is top-left
 0..i); blocks entirely above the diagonal are skipped and only blocks crossing it (or the key tail) pay for a
 mask.
 
+Document ids (q_docs, k_docs) mask pairs of different documents in every tile. When the host finds them sorted
+(packed data: each document one run), a tile pair whose document ranges, bounded by the ids of its first and
+last rows, do not intersect is skipped: the masked work costs (almost) nothing. Unsorted ids are still exact.
+
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors. The interpreter's
 `tl.dot` is wrong for 16-bit operands, so interpreted launches upcast tiles to fp32 before every dot.
 """
@@ -23,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
+
+from kernels.document_attention import check_document_ids
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -45,43 +51,77 @@ def _load_rows(base, rows, stride_s, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHE
 
 
 @triton.jit
-def _visible(offs_m, offs_n, seq_k, CAUSAL: tl.constexpr):
+def _visible(offs_m, offs_n, seq_k, q_docs, k_docs, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
     # [BLOCK_M, BLOCK_N] mask of (query, key) pairs that exist and are allowed to attend.
     mask = offs_n[None, :] < seq_k
     if CAUSAL:
         mask = mask & (offs_m[:, None] >= offs_n[None, :])
+    if HAS_DOCS:
+        mask = mask & (q_docs[:, None] == k_docs[None, :])
     return mask
 
 
 @triton.jit
-def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale, lo, hi,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _load_docs(docs_row, offs, seq, HAS_DOCS: tl.constexpr):
+    # Document ids of rows `offs` (padding reads -1; it is masked by the bounds checks anyway); 0 without ids.
+    if HAS_DOCS:
+        return tl.load(docs_row + offs, mask=offs < seq, other=-1)
+    return offs * 0
+
+
+@triton.jit
+def _docs_meet(q_docs_row, k_docs_row, q_lo, q_hi, k_lo, k_hi, SORTED: tl.constexpr):
+    # Whether query rows [q_lo, q_hi) and keys [k_lo, k_hi) can share a document. Sorted ids: the first and last
+    # ids bound each tile's documents; unsorted (or no) ids: assume they can.
+    if SORTED:
+        q_first = tl.load(q_docs_row + q_lo)
+        q_last = tl.load(q_docs_row + q_hi - 1)
+        k_first = tl.load(k_docs_row + k_lo)
+        k_last = tl.load(k_docs_row + k_hi - 1)
+        meet = (k_last >= q_first) & (k_first <= q_last)
+    else:
+        meet = True
+    return meet
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, q_docs, k_base, v_base, q_docs_row, k_docs_row, stride_ks, stride_vs, offs_m, offs_d,
+              q_lo, q_hi, seq_k, qk_scale, lo, hi, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, MASKED)
-        v = _load_rows(v_base, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, MASKED)
-        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # log2 units
-        if MASKED:
-            s = tl.where(_visible(offs_m, offs_n, seq_k, CAUSAL), s, float("-inf"))
-        # m_new is finite from the first block on: with top-left causal masking every row sees key 0, which
-        # lies in the first block processed, so exp2(-inf - m_new) = 0 needs no NaN guard.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
-        m_i = m_new
+        if _docs_meet(q_docs_row, k_docs_row, q_lo, q_hi, start_n, tl.minimum(start_n + BLOCK_N, seq_k),
+                      SORTED):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, MASKED)
+            v = _load_rows(v_base, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, MASKED)
+            s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # log2 units
+            if MASKED:
+                k_docs = _load_docs(k_docs_row, offs_n, seq_k, HAS_DOCS)
+                s = tl.where(_visible(offs_m, offs_n, seq_k, q_docs, k_docs, CAUSAL, HAS_DOCS), s, float("-inf"))
+            # Without document ids m_new is finite from the first block on: with top-left causal masking every
+            # row sees key 0, in the first block processed. With them a row may have seen no key yet: shift by 0
+            # then, so exp2(-inf - shift) = 0 rather than NaN, while m_i stays -inf for the empty row.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            shift = m_new
+            if HAS_DOCS:
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - shift)
+            p = tl.exp2(s - shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+            m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse,
+def _fwd_kernel(Q, K, V, Out, Lse, QDocs, KDocs,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                 num_heads, seq_q, seq_k, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -92,21 +132,31 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
+    # Document ids are [B, S] contiguous.
+    q_docs_row = QDocs + off_b * seq_q
+    k_docs_row = KDocs + off_b * seq_k
+    q_docs = _load_docs(q_docs_row, offs_m, seq_q, HAS_DOCS)
+    q_hi = tl.minimum(start_m + BLOCK_M, seq_q)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # Key blocks wholly below the diagonal and inside seq_k need no mask; the rest (diagonal, tail) do.
+    # Key blocks wholly below the diagonal and inside seq_k need no mask; the rest (diagonal, tail) do. With
+    # document ids every block may hold a document boundary, so all take the masked loop.
     if CAUSAL:
         full_end = (tl.minimum(start_m, seq_k) // BLOCK_N) * BLOCK_N
         end = tl.minimum(start_m + BLOCK_M, seq_k)
     else:
         full_end = (seq_k // BLOCK_N) * BLOCK_N
         end = seq_k
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k,
-                              qk_scale, 0, full_end, HEAD_DIM, BLOCK_N, CAUSAL, False, UPCAST, PRECISION)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k,
-                              qk_scale, full_end, end, HEAD_DIM, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
+    if HAS_DOCS:
+        full_end = 0
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_docs, k_base, v_base, q_docs_row, k_docs_row, stride_ks,
+                              stride_vs, offs_m, offs_d, start_m, q_hi, seq_k, qk_scale, 0, full_end, HEAD_DIM,
+                              BLOCK_N, CAUSAL, False, HAS_DOCS, SORTED, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_docs, k_base, v_base, q_docs_row, k_docs_row, stride_ks,
+                              stride_vs, offs_m, offs_d, start_m, q_hi, seq_k, qk_scale, full_end, end, HEAD_DIM,
+                              BLOCK_N, CAUSAL, True, HAS_DOCS, SORTED, UPCAST, PRECISION)
 
     # Rows that saw no key: out = 0 and lse = -inf, so an LSE merge gives them zero weight.
     empty = l_i == 0.0
@@ -146,33 +196,38 @@ def _load_row_stats(Lse, Delta, offs_m, seq_q):
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qs, stride_ds, Lse, Delta, offs_n, offs_d, seq_q, seq_k,
-               qk_scale, lo, hi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds, Lse, Delta,
+               offs_n, offs_d, k_lo, k_hi, seq_q, seq_k, qk_scale, lo, hi, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr,
+               SORTED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
-        do = _load_rows(do_base, offs_m, stride_ds, seq_q, offs_d, HEAD_DIM, True)
-        lse, delta = _load_row_stats(Lse, Delta, offs_m, seq_q)
-        # Transposed scores [BLOCK_N, BLOCK_M] so dk, dv accumulate without transposing p.
-        p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(tl.trans(_visible(offs_m, offs_n, seq_k, CAUSAL)), p_t, 0.0)
-        dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
-        dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+        if _docs_meet(q_docs_row, k_docs_row, start_m, tl.minimum(start_m + BLOCK_M, seq_q), k_lo, k_hi, SORTED):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
+            do = _load_rows(do_base, offs_m, stride_ds, seq_q, offs_d, HEAD_DIM, True)
+            lse, delta = _load_row_stats(Lse, Delta, offs_m, seq_q)
+            # Transposed scores [BLOCK_N, BLOCK_M] so dk, dv accumulate without transposing p.
+            p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale - lse[None, :])
+            if MASKED:
+                q_docs = _load_docs(q_docs_row, offs_m, seq_q, HAS_DOCS)
+                visible = _visible(offs_m, offs_n, seq_k, q_docs, k_docs, CAUSAL, HAS_DOCS)
+                p_t = tl.where(tl.trans(visible), p_t, 0.0)
+            dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+            dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, QDocs, KDocs,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                      num_heads, seq_q, seq_k, sm_scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -186,22 +241,30 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
     do_base = DOut + off_b * stride_db + off_h * stride_dh
     lse_row = Lse + pid_bh.to(tl.int64) * seq_q
     delta_row = Delta + pid_bh.to(tl.int64) * seq_q
+    q_docs_row = QDocs + off_b * seq_q
+    k_docs_row = KDocs + off_b * seq_k
+    k_docs = _load_docs(k_docs_row, offs_n, seq_k, HAS_DOCS)
+    k_hi = tl.minimum(start_n + BLOCK_N, seq_k)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Causal: queries before start_n never see this key block; query blocks crossing the diagonal need the
-    # mask; later ones see every key. Padded keys need no mask here because their rows are never stored.
+    # mask; later ones see every key. Padded keys need no mask here because their rows are never stored. With
+    # document ids every query block takes the masked loop.
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
         diag_end = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, seq_q)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qs, stride_ds, lse_row, delta_row, offs_n,
-                            offs_d, seq_q, seq_k, qk_scale, lo, diag_end, HEAD_DIM, BLOCK_M, CAUSAL, True, UPCAST,
-                            PRECISION)
     else:
+        lo = 0
         diag_end = 0
-    dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, stride_qs, stride_ds, lse_row, delta_row, offs_n, offs_d,
-                        seq_q, seq_k, qk_scale, diag_end, seq_q, HEAD_DIM, BLOCK_M, CAUSAL, False, UPCAST,
-                        PRECISION)
+    if HAS_DOCS:
+        diag_end = seq_q
+    dk, dv = _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds, lse_row,
+                        delta_row, offs_n, offs_d, start_n, k_hi, seq_q, seq_k, qk_scale, lo, diag_end, HEAD_DIM,
+                        BLOCK_M, CAUSAL, True, HAS_DOCS, SORTED, UPCAST, PRECISION)
+    dk, dv = _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds, lse_row,
+                        delta_row, offs_n, offs_d, start_n, k_hi, seq_q, seq_k, qk_scale, diag_end, seq_q, HEAD_DIM,
+                        BLOCK_M, CAUSAL, False, HAS_DOCS, SORTED, UPCAST, PRECISION)
 
     store_mask = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_n[:, None].to(tl.int64)
@@ -212,30 +275,34 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale, lo, hi,
-             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+def _dq_loop(dq, q, do, lse, delta, q_docs, k_base, v_base, q_docs_row, k_docs_row, stride_ks, stride_vs, offs_m,
+             offs_d, q_lo, q_hi, seq_k, qk_scale, lo, hi, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr,
              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, MASKED)
-        v = _load_rows(v_base, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, MASKED)
-        p = tl.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, seq_k, CAUSAL), p, 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+        if _docs_meet(q_docs_row, k_docs_row, q_lo, q_hi, start_n, tl.minimum(start_n + BLOCK_N, seq_k), SORTED):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, MASKED)
+            v = _load_rows(v_base, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, MASKED)
+            p = tl.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse[:, None])
+            if MASKED:
+                k_docs = _load_docs(k_docs_row, offs_n, seq_k, HAS_DOCS)
+                p = tl.where(_visible(offs_m, offs_n, seq_k, q_docs, k_docs, CAUSAL, HAS_DOCS), p, 0.0)
+            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
+def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, QDocs, KDocs,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                    stride_dqb, stride_dqs, stride_dqh,
                    num_heads, seq_q, seq_k, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -249,19 +316,28 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                                  seq_q)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
+    q_docs_row = QDocs + off_b * seq_q
+    k_docs_row = KDocs + off_b * seq_k
+    q_docs = _load_docs(q_docs_row, offs_m, seq_q, HAS_DOCS)
+    q_hi = tl.minimum(start_m + BLOCK_M, seq_q)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Same block split as the forward: unmasked below the diagonal, masked across it and on the key tail.
+    # Same block split as the forward: unmasked below the diagonal, masked across it and on the key tail, and
+    # everything masked with document ids.
     if CAUSAL:
         full_end = (tl.minimum(start_m, seq_k) // BLOCK_N) * BLOCK_N
         end = tl.minimum(start_m + BLOCK_M, seq_k)
     else:
         full_end = (seq_k // BLOCK_N) * BLOCK_N
         end = seq_k
-    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale, 0,
-                  full_end, HEAD_DIM, BLOCK_N, CAUSAL, False, UPCAST, PRECISION)
-    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, seq_k, qk_scale,
-                  full_end, end, HEAD_DIM, BLOCK_N, CAUSAL, True, UPCAST, PRECISION)
+    if HAS_DOCS:
+        full_end = 0
+    dq = _dq_loop(dq, q, do, lse, delta, q_docs, k_base, v_base, q_docs_row, k_docs_row, stride_ks, stride_vs, offs_m,
+                  offs_d, start_m, q_hi, seq_k, qk_scale, 0, full_end, HEAD_DIM, BLOCK_N, CAUSAL, False, HAS_DOCS,
+                  SORTED, UPCAST, PRECISION)
+    dq = _dq_loop(dq, q, do, lse, delta, q_docs, k_base, v_base, q_docs_row, k_docs_row, stride_ks, stride_vs, offs_m,
+                  offs_d, start_m, q_hi, seq_k, qk_scale, full_end, end, HEAD_DIM, BLOCK_N, CAUSAL, True, HAS_DOCS,
+                  SORTED, UPCAST, PRECISION)
 
     dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs
                + offs_d[None, :])
@@ -306,6 +382,18 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[floa
     return (1.0 / math.sqrt(head_dim) if scale is None else scale), options
 
 
+def _document_args(
+    q: Tensor, q_docs: Tensor | None, k_docs: Tensor | None, dummy: Tensor
+) -> tuple[Tensor, Tensor, dict]:
+    """-> the two document-id pointers ([B, S] contiguous int64; `dummy` when there are none) and their flags."""
+    if q_docs is None:
+        return dummy, dummy, {"HAS_DOCS": False, "SORTED": False}
+    q_docs, k_docs = (ids.to(device=q.device, dtype=torch.int64).contiguous() for ids in (q_docs, k_docs))
+    # Tile skipping bounds a tile's documents by its first and last ids, which holds only for sorted ids.
+    is_sorted = all(bool((ids[:, 1:] >= ids[:, :-1]).all()) for ids in (q_docs, k_docs))
+    return q_docs, k_docs, {"HAS_DOCS": True, "SORTED": is_sorted}
+
+
 def _last_dim_contiguous(*tensors: Tensor) -> list[Tensor]:
     # Kernels take batch, sequence and head strides but assume unit stride along D.
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
@@ -332,12 +420,16 @@ def triton_attention_forward(
     scale: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    q_docs: Tensor | None = None,
+    k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q: [B, Sq, H, D]; k, v: [B, Sk, H, D] -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq] float32.
 
-    Rows that see no key get out = 0 and lse = -inf. block_m / block_n override the tile sizes.
+    Rows that see no key get out = 0 and lse = -inf. block_m / block_n override the tile sizes. q_docs [B, Sq]
+    and k_docs [B, Sk]: document ids, a query attends only to keys of its own document.
     """
     scale, options = _prepare(q, k, v, scale)
+    check_document_ids(q, k, q_docs, k_docs)
     q, k, v = _last_dim_contiguous(q, k, v)
     batch, seq_q, heads, _ = q.shape
     seq_k = k.shape[1]
@@ -348,9 +440,10 @@ def triton_attention_forward(
         return out.zero_(), lse
     config = _launch_config(q.shape[3], block_m, block_n, (128, 64))
     grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
+    q_docs, k_docs, doc_flags = _document_args(q, q_docs, k_docs, lse)
     _fwd_kernel[grid](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, num_stages=3, **options, **config,
+        q, k, v, out, lse, q_docs, k_docs, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, num_stages=3, **doc_flags, **options, **config,
     )
     return out, lse
 
@@ -367,12 +460,15 @@ def triton_attention_backward(
     scale: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    q_docs: Tensor | None = None,
+    k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] (the global one in a ring) -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D].
 
-    Gradients come back in the input dtypes; all accumulation is fp32.
+    Gradients come back in the input dtypes; all accumulation is fp32. q_docs, k_docs: as in the forward.
     """
     scale, options = _prepare(q, k, v, scale)
+    check_document_ids(q, k, q_docs, k_docs)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(
             f"triton attention backward expects dout, out like q {tuple(q.shape)} and lse [B, H, Sq]; got dout "
@@ -395,12 +491,13 @@ def triton_attention_backward(
         HEAD_DIM=options["HEAD_DIM"], BLOCK_M=config["BLOCK_M"], BLOCK_D=block_d,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    q_docs, k_docs, doc_flags = _document_args(q, q_docs, k_docs, lse)
     _bwd_dkdv_kernel[(triton.cdiv(seq_k, config["BLOCK_N"]), batch * heads)](
-        q, k, v, dout, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **options, **config,
+        q, k, v, dout, lse, delta, dk, dv, q_docs, k_docs, *common, *_strides(dk), *_strides(dv),
+        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
     )
     _bwd_dq_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
-        q, k, v, dout, lse, delta, dq, *common, *_strides(dq),
-        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **options, **config,
+        q, k, v, dout, lse, delta, dq, q_docs, k_docs, *common, *_strides(dq),
+        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
     )
     return dq, dk, dv

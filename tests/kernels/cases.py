@@ -34,11 +34,16 @@ def make_inputs(
     return q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype)
 
 
-def reference(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, *, causal: bool) -> tuple[Tensor, ...]:
-    """float64 out, lse, dq, dk, dv from the given (possibly rounded) inputs."""
+def document_ids(*rows: list[int]) -> Tensor:
+    """Document ids [B, S] int64 from each batch row's document lengths (ids 0, 1, ... in order)."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, *, causal: bool, **docs: Tensor) -> tuple[Tensor, ...]:
+    """float64 out, lse, dq, dk, dv from the given (possibly rounded) inputs. docs: q_docs, k_docs or nothing."""
     q, k, v, dout = (t.double() for t in (q, k, v, dout))
-    out, lse = reference_attention_forward(q, k, v, causal=causal)
-    return (out, lse, *reference_attention_backward(dout, q, k, v, out, lse, causal=causal))
+    out, lse = reference_attention_forward(q, k, v, causal=causal, **docs)
+    return (out, lse, *reference_attention_backward(dout, q, k, v, out, lse, causal=causal, **docs))
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, kind: str, name: str) -> None:
@@ -49,18 +54,21 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, kind: str
 
 
 def check_block(
-    forward: Forward, backward: Backward, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, *, causal: bool
+    forward: Forward, backward: Backward, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, *, causal: bool,
+    **docs: Tensor,
 ) -> None:
-    """One block's out, lse and grads (computed from its own out, lse) against the reference."""
+    """One block's out, lse and grads (computed from its own out, lse) against the reference.
+    docs: q_docs [B, Sq] and k_docs [B, Sk], or nothing."""
     dtype = q.dtype
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal)
-    out, lse = forward(q, k, v, causal=causal)
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal, **docs)
+    out, lse = forward(q, k, v, causal=causal, **docs)
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.promote_types(dtype, torch.float32)
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert_close(out, ref_out, dtype, "out", "out")
     assert_close(lse, ref_lse, dtype, "lse", "lse")
-    grads = backward(dout, q, k, v, out, lse, causal=causal)
+    assert not out.isnan().any() and not lse.isnan().any()
+    grads = backward(dout, q, k, v, out, lse, causal=causal, **docs)
     for name, grad, ref, inp in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v), strict=True):
         assert grad.dtype == dtype and grad.shape == inp.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
         assert_close(grad, ref, dtype, "grad", name)
@@ -69,9 +77,10 @@ def check_block(
 def merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """LSE merge of two partial attentions over disjoint key sets. out: [B, S, H, D]; lse: [B, H, S]."""
     acc = torch.promote_types(lse.dtype, torch.float32)
-    weight_b = torch.sigmoid(lse_b - lse).transpose(1, 2)[..., None]
+    # A side with lse -inf saw no key (document masks): weight 0, and no (-inf) - (-inf) anywhere.
+    weight_b = torch.where(torch.isneginf(lse_b), 0.0, torch.sigmoid(lse_b - lse)).transpose(1, 2)[..., None]
     merged = out.to(acc) - weight_b * (out.to(acc) - out_b.to(acc))
-    return merged.to(out.dtype), lse - torch.nn.functional.logsigmoid(lse - lse_b)
+    return merged.to(out.dtype), torch.logaddexp(lse, lse_b)
 
 
 def _blocks(seq: int, split: int, causal: bool) -> list[tuple[slice, slice, bool]]:
@@ -92,18 +101,25 @@ def check_split(
     *,
     causal: bool,
     split: int,
+    docs: Tensor | None = None,
 ) -> None:
     """Ring decomposition: keys (and queries) split at `split`; partial forwards merged by LSE must equal the
-    full attention, and block backwards given the GLOBAL out/lse, summed over blocks, must equal its grads."""
+    full attention, and block backwards given the GLOBAL out/lse, summed over blocks, must equal its grads.
+    docs [B, S]: document ids shared by queries and keys, sliced with them."""
     assert q.shape[1] == k.shape[1], "the split is applied to queries and keys alike"
     dtype = q.dtype
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal)
+
+    def block_docs(rows: slice, cols: slice) -> dict[str, Tensor]:
+        return {} if docs is None else {"q_docs": docs[:, rows], "k_docs": docs[:, cols]}
+
+    everything = slice(0, q.shape[1])
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal, **block_docs(everything, everything))
 
     # Per query half (keyed by its first row), the LSE merge of its partial results.
     partial: dict[int, tuple[Tensor, Tensor]] = {}
     blocks = _blocks(q.shape[1], split, causal)
     for rows, cols, block_causal in blocks:
-        out_b, lse_b = forward(q[:, rows], k[:, cols], v[:, cols], causal=block_causal)
+        out_b, lse_b = forward(q[:, rows], k[:, cols], v[:, cols], causal=block_causal, **block_docs(rows, cols))
         partial[rows.start] = merge(*partial[rows.start], out_b, lse_b) if rows.start in partial else (out_b, lse_b)
     out = torch.cat([partial[0][0], partial[split][0]], dim=1)
     lse = torch.cat([partial[0][1], partial[split][1]], dim=2)
@@ -117,7 +133,7 @@ def check_split(
     for rows, cols, block_causal in blocks:
         grads = backward(
             dout[:, rows], q[:, rows], k[:, cols], v[:, cols], global_out[:, rows], global_lse[:, :, rows],
-            causal=block_causal,
+            causal=block_causal, **block_docs(rows, cols),
         )
         dq[:, rows] += grads[0]
         dk[:, cols] += grads[1]

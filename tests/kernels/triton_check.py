@@ -16,7 +16,7 @@ import torch
 
 from kernels import attention_backward, attention_forward
 from kernels.triton_attention import triton_attention_backward, triton_attention_forward
-from tests.kernels.cases import check_block, check_split, make_inputs, reference
+from tests.kernels.cases import check_block, check_split, document_ids, make_inputs, reference
 
 DTYPES = (torch.float32, torch.bfloat16)
 # (causal, seq_q, seq_k)
@@ -113,7 +113,32 @@ def check_edges(device: str, blocks: tuple[int | None, int | None]) -> None:
             raise AssertionError(f"no ValueError mentioning {message!r}")
 
 
-GROUPS = {"block": check_blocks, "split": check_splits, "edge": check_edges}
+def check_documents(device: str, blocks: tuple[int | None, int | None]) -> None:
+    forward, backward = _kernels(*blocks)
+    # Sorted ids (tiles of foreign documents skipped): one-token documents, boundaries inside and on tile
+    # edges, a row that is one document. Unsorted ids: masked pairs only, no skipping.
+    packed = document_ids([1, 15, 1, 7, 16], [40])
+    unsorted = torch.tensor([[0, 1, 0, 2, 2, 1, 0, 3] * 5] * 2)
+    # Partly disjoint ids: q's documents 0 and 3 have no key anywhere (out 0, lse -inf).
+    q_disjoint, k_disjoint = document_ids([4, 16, 20], [8, 8, 16, 8]), document_ids([0, 20, 20], [0, 8, 8, 0, 24])
+    cases = [(packed, packed, True, 40, 40), (packed, packed, False, 40, 40), (packed, packed, True, 24, 40),
+             (unsorted, unsorted, True, 40, 40), (q_disjoint, k_disjoint, False, 40, 40)]
+    # The masking logic does not depend on the dtype: bf16 only on the first case (the interpreter is slow).
+    runs = [(torch.float32, case) for case in cases] + [(torch.bfloat16, cases[0])]
+    for dtype, (q_docs, k_docs, causal, seq_q, seq_k) in runs:
+        inputs = (t.to(device) for t in make_inputs(2, seq_q, seq_k, 2, 16, dtype, seed=8))
+        docs = {"q_docs": q_docs[:, :seq_q].to(device), "k_docs": k_docs[:, :seq_k].to(device)}
+        check_block(forward, backward, *inputs, causal=causal, **docs)
+    # Ring blocks with documents across the split, and the dispatcher's path.
+    for causal in (False, True):
+        inputs = (t.to(device) for t in make_inputs(2, 40, 40, 2, 16, torch.float32, seed=9))
+        check_split(forward, backward, *inputs, causal=causal, split=24, docs=packed.to(device))
+    inputs = (t.to(device) for t in make_inputs(2, 40, 40, 2, 16, torch.float32, seed=10))
+    check_block(partial(attention_forward, backend="triton"), partial(attention_backward, backend="triton"),
+                *inputs, causal=True, q_docs=packed.to(device), k_docs=packed.to(device))
+
+
+GROUPS = {"block": check_blocks, "split": check_splits, "edge": check_edges, "docs": check_documents}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,109 @@
+"""Document-masked attention on the aten CPU path: masked vs plain causal time against the work the mask keeps.
+
+Single process, forward + backward through `kernels.attention` (B=1, S=8192, H=8, D=64, causal fp32 by default)
+for several document mixes of one packed row: one document, 8 and 64 equal documents, and a power-law mix
+(Pareto lengths, fixed seed). Masked work is one flash call per document, so its time over plain causal should
+be about the fraction of causal (query, key) pairs the mask keeps. Cases are interleaved within each repeat and
+the median over repeats is reported.
+
+    python bench/document_attention.py [--seq 8192] [--repeats 5]
+
+Prints a table and writes bench/results/document_attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import attention
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def power_law_lengths(seq: int, alpha: float, seed: int) -> list[int]:
+    """Document lengths >= 1 drawn from Pareto(alpha), scaled up, until they fill `seq` (the last one cut)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    while sum(lengths) < seq:
+        draw = torch.rand((), generator=gen).item()
+        lengths.append(max(1, int(16 * (1.0 - draw) ** (-1.0 / alpha))))
+    lengths[-1] -= sum(lengths) - seq
+    return lengths
+
+
+def mixes(seq: int, seed: int) -> dict[str, list[int]]:
+    return {
+        "1 document": [seq],
+        "8 equal": [seq // 8] * 8,
+        "64 equal": [seq // 64] * 64,
+        "power law": power_law_lengths(seq, alpha=1.2, seed=seed),
+    }
+
+
+def causal_fraction(lengths: list[int], seq: int) -> float:
+    """Causal pairs inside documents over causal pairs of the whole row."""
+    return sum(n * (n + 1) // 2 for n in lengths) / (seq * (seq + 1) // 2)
+
+
+def fwd_bwd_seconds(q, k, v, dout, document_ids) -> float:
+    q.grad = k.grad = v.grad = None
+    start = time.perf_counter()
+    attention(q, k, v, causal=True, backend="aten", document_ids=document_ids).backward(dout)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-json", action="store_true", help="print only (quick checks at small --seq)")
+    args = parser.parse_args(argv)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (1, args.seq, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).requires_grad_(True) for _ in range(3))
+    dout = torch.randn(shape, generator=gen)
+    cases = mixes(args.seq, args.seed)
+    ids = {name: torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n))[None] for name, n in cases.items()}
+
+    fwd_bwd_seconds(q, k, v, dout, None)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in ["plain causal", *cases]}
+    for _ in range(args.repeats):
+        times["plain causal"].append(fwd_bwd_seconds(q, k, v, dout, None))
+        for name in cases:
+            times[name].append(fwd_bwd_seconds(q, k, v, dout, ids[name]))
+    plain = statistics.median(times["plain causal"])
+
+    rows = []
+    print(f"aten fwd+bwd, B=1 S={args.seq} H={args.heads} D={args.head_dim} causal fp32, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; plain causal {plain * 1e3:.0f} ms")
+    print(f"{'mix':<12} {'docs':>5} {'ms':>8} {'masked/plain':>13} {'pairs kept':>11}")
+    for name, lengths in cases.items():
+        median = statistics.median(times[name])
+        row = {"mix": name, "documents": len(lengths), "ms": median * 1e3, "ratio": median / plain,
+               "pairs_kept": causal_fraction(lengths, args.seq), "times_ms": [t * 1e3 for t in times[name]]}
+        rows.append(row)
+        print(f"{name:<12} {len(lengths):>5} {row['ms']:>8.0f} {row['ratio']:>13.3f} {row['pairs_kept']:>11.3f}")
+
+    if not args.no_json:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / "document_attention.json"
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq": args.seq,
+                "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats, "seed": args.seed,
+                "plain_causal_ms": plain * 1e3, "plain_causal_times_ms": [t * 1e3 for t in times["plain causal"]]}
+        path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
