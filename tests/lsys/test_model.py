@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from kernels.attention import expand_kv_heads
 from lsys.config import ModelConfig, RopeScalingConfig
 from lsys.model import Transformer, build_model, count_parameters, ffn_hidden_size
 from lsys.rope import apply_rope, inverse_frequencies, rope_tables
@@ -135,19 +134,6 @@ def test_tied_embeddings_stay_one_parameter_after_building():
         - 50 * 32
 
 
-def _document_attention(q, k, v, *, causal, document_ids=None):
-    """A stand-in for the local attention with document masks (its kernels are built separately): dense
-    softmax over the keys a query may see. q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D]."""
-    b, s = q.shape[:2]
-    k, v = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
-    allowed = torch.ones(s, s, dtype=torch.bool).tril(0 if causal else s).expand(b, s, s)
-    if document_ids is not None:
-        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
-    probs = scores.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
 def _weights(shape) -> torch.Tensor:
     # Distinct per-token loss weights, so a gradient that reached the wrong token would show.
     return torch.linspace(0.5, 1.5, shape[0] * shape[1], dtype=torch.float64).view(shape)
@@ -165,8 +151,6 @@ def test_document_masks_equal_each_document_alone(loss_chunk_tokens):
     # Packed rows (documents of 5 + 7 and 3 + 4 + 5 tokens, positions restarting with each) give every token
     # the loss, and every parameter the gradient, that running each document as its own sequence gives.
     model = build_model(tiny(), torch.device("cpu"), torch.float64, seed=0)
-    for block in model.blocks:
-        block.attn.attn_fn = _document_attention
     lengths = [[5, 7], [3, 4, 5]]
     document_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
     positions = torch.cat([torch.cat([torch.arange(n) for n in r]) for r in lengths]).view(2, 12)

@@ -5,7 +5,6 @@ Runs use float64 parameters and compute so that "equal" means equal up to summat
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from typing import Any
@@ -50,14 +49,6 @@ def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
         assert_same_training(result, one_rank)
 
 
-def _document_masks_ready() -> bool:
-    """Whether the local and the context-parallel attention take document ids (built alongside this)."""
-    from kernels.attention import attention as local_attention
-    from parallel.context import attention as cp_attention
-
-    return all("document_ids" in inspect.signature(fn).parameters for fn in (local_attention, cp_attention))
-
-
 def _each_config(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Several layouts of one world size in one spawn: far cheaper than a spawn per layout.
     return [losses_and_grads(values) for values in configs]
@@ -67,12 +58,13 @@ def _each_config(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 PACKED = ("data.passkey.pack=2",)
 
 
-@pytest.mark.skipif(not _document_masks_ready(), reason="needs document ids in kernels.attention.attention and "
-                    "parallel.context.attention, which are built separately")
 def test_packed_documents_train_exactly_like_one_rank(tmp_path):
-    reference = run_ranks(losses_and_grads, 1, tiny_config(tmp_path / "one", *PACKED))[0]
-    layouts = [("parallel.dp=2",), ("parallel.tp=2",), ("parallel.cp_ring=2",)]
-    configs = [tiny_config(tmp_path / layout[0], *PACKED, *layout) for layout in layouts]
+    unmasked = tiny_config(tmp_path / "off", *PACKED, "data.document_masks=false")
+    reference, unmasked = run_ranks(_each_config, 1, [tiny_config(tmp_path / "one", *PACKED), unmasked])[0]
+    assert reference["losses"] != unmasked["losses"]  # the masks change what is computed
+    layouts = [("parallel.dp=2",), ("parallel.tp=2",), ("parallel.cp_ring=2",), ("parallel.cp_ulysses=2",),
+               ("parallel.cp_ring=2", "recompute.mode=selective")]
+    configs = [tiny_config(tmp_path / "-".join(layout), *PACKED, *layout) for layout in layouts]
     for per_rank in run_ranks(_each_config, 2, configs):
         for result in per_rank:
             assert_same_training(result, reference)
