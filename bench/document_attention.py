@@ -4,9 +4,10 @@ Single process, forward + backward through `kernels.attention` (B=1, S=8192, H=8
 for several document mixes of one packed row: one document, 8 and 64 equal documents, and a power-law mix
 (Pareto lengths, fixed seed). Masked work is one flash call per document, so its time over plain causal should
 be about the fraction of causal (query, key) pairs the mask keeps. Cases are interleaved within each repeat and
-the median over repeats is reported.
+the median over repeats is reported. With `--ranks N` the same row is sharded (zigzag) over an N-rank ring and
+timed through `parallel.context.attention` on every rank; the busiest rank's median is reported.
 
-    python bench/document_attention.py [--seq 8192] [--repeats 5]
+    python bench/document_attention.py [--seq 8192] [--repeats 5] [--ranks 2]
 
 Prints a table and writes bench/results/document_attention.json.
 """
@@ -16,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kernels import attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,11 +55,54 @@ def causal_fraction(lengths: list[int], seq: int) -> float:
     return sum(n * (n + 1) // 2 for n in lengths) / (seq * (seq + 1) // 2)
 
 
-def fwd_bwd_seconds(q, k, v, dout, document_ids) -> float:
+def fwd_bwd_seconds(q, k, v, dout, document_ids, ring: bool = False) -> float:
     q.grad = k.grad = v.grad = None
     start = time.perf_counter()
-    attention(q, k, v, causal=True, backend="aten", document_ids=document_ids).backward(dout)
+    if ring:
+        import torch.distributed as dist
+
+        from parallel.context import attention as cp_attention
+
+        out = cp_attention(q, k, v, causal=True, ring_group=dist.group.WORLD, layout="zigzag", backend="aten",
+                           document_ids=document_ids)
+    else:
+        out = attention(q, k, v, causal=True, backend="aten", document_ids=document_ids)
+    out.backward(dout)
     return time.perf_counter() - start
+
+
+def timings(args: dict, ring: bool = False) -> dict[str, list[float]]:
+    """Seconds of every repeat of plain causal and of each mix; on a ring rank, of this rank's shard."""
+    gen = torch.Generator().manual_seed(args["seed"])
+    shape = (1, args["seq"], args["heads"], args["head_dim"])
+    full = [torch.randn(shape, generator=gen) for _ in range(4)]
+    cases = mixes(args["seq"], args["seed"])
+    ids = {name: torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n))[None] for name, n in cases.items()}
+    if ring:
+        import torch.distributed as dist
+
+        from parallel.context import shard
+
+        full = [shard(x, ring_group=dist.group.WORLD, layout="zigzag") for x in full]
+        ids = {name: shard(x, ring_group=dist.group.WORLD, layout="zigzag") for name, x in ids.items()}
+    q, k, v = (x.requires_grad_(True) for x in full[:3])
+    dout = full[3]
+    fwd_bwd_seconds(q, k, v, dout, None, ring)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in ["plain causal", *cases]}
+    for _ in range(args["repeats"]):
+        times["plain causal"].append(fwd_bwd_seconds(q, k, v, dout, None, ring))
+        for name in cases:
+            times[name].append(fwd_bwd_seconds(q, k, v, dout, ids[name], ring))
+    return times
+
+
+def ring_timings(args: dict) -> dict[str, list[float]]:
+    """Every repeat's time of the busiest rank of an args["ranks"]-rank ring."""
+    from launch.local import spawn
+
+    per_rank = spawn(timings, args["ranks"], (args, True), init_backend="gloo", timeout_s=1800)
+    return {name: [max(rank[name][i] for rank in per_rank) for i in range(args["repeats"])]
+            for name in per_rank[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,27 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=1, help="ring ranks (1: one process, no ring)")
     parser.add_argument("--no-json", action="store_true", help="print only (quick checks at small --seq)")
     args = parser.parse_args(argv)
 
-    gen = torch.Generator().manual_seed(args.seed)
-    shape = (1, args.seq, args.heads, args.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen).requires_grad_(True) for _ in range(3))
-    dout = torch.randn(shape, generator=gen)
+    parser_args = {"seq": args.seq, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
+                   "seed": args.seed, "ranks": args.ranks}
     cases = mixes(args.seq, args.seed)
-    ids = {name: torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n))[None] for name, n in cases.items()}
-
-    fwd_bwd_seconds(q, k, v, dout, None)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in ["plain causal", *cases]}
-    for _ in range(args.repeats):
-        times["plain causal"].append(fwd_bwd_seconds(q, k, v, dout, None))
-        for name in cases:
-            times[name].append(fwd_bwd_seconds(q, k, v, dout, ids[name]))
+    times = ring_timings(parser_args) if args.ranks > 1 else timings(parser_args)
     plain = statistics.median(times["plain causal"])
 
     rows = []
-    print(f"aten fwd+bwd, B=1 S={args.seq} H={args.heads} D={args.head_dim} causal fp32, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; plain causal {plain * 1e3:.0f} ms")
+    where = f"zigzag ring of {args.ranks} ranks, busiest rank" if args.ranks > 1 else \
+        f"{torch.get_num_threads()} threads"
+    print(f"aten fwd+bwd, B=1 S={args.seq} H={args.heads} D={args.head_dim} causal fp32, {where}, "
+          f"median of {args.repeats}; plain causal {plain * 1e3:.0f} ms")
     print(f"{'mix':<12} {'docs':>5} {'ms':>8} {'masked/plain':>13} {'pairs kept':>11}")
     for name, lengths in cases.items():
         median = statistics.median(times[name])
@@ -96,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_json:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / "document_attention.json"
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq": args.seq,
+        path = RESULTS / ("document_attention.json" if args.ranks == 1 else f"document_attention_ring{args.ranks}.json")
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "ranks": args.ranks, "seq": args.seq,
                 "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats, "seed": args.seed,
                 "plain_causal_ms": plain * 1e3, "plain_causal_times_ms": [t * 1e3 for t in times["plain causal"]]}
         path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
