@@ -261,12 +261,13 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
             if k not in skip and a.get(k) != b.get(k)]
 
 
-def resume_messages(selection: Selection, config: dict | None) -> list[str]:
-    """The lines to print about a selection: one per skipped checkpoint, one for changed settings."""
+def resume_messages(selection: Selection, config: dict | None, doing: str = "resuming") -> list[str]:
+    """The lines to print about a selection: one per skipped checkpoint, one for changed settings (`doing` with
+    the checkpoint: resuming it, or evaluating it)."""
     lines = [f"lsys: skipping checkpoint {line}" for line in selection.skipped]
     changed = changed_settings(selection.manifest.get("config") or {}, config) if selection.path and config else []
     if changed:
-        lines.append(f"lsys: resuming {selection.path.name} with changed settings: {', '.join(changed)}")
+        lines.append(f"lsys: {doing} {selection.path.name} with changed settings: {', '.join(changed)}")
     return lines
 
 

@@ -189,7 +189,7 @@ class Trainer:
                         shape=model_shape(self.model_cfg), layout=run_layout(self.cfg, self.session.world_size),
                         config=to_dict(self.cfg))
 
-    def _resume(self) -> int:
+    def _resume(self, doing: str = "resuming") -> int:
         """Collective: load the newest usable checkpoint and return its step (0: none, start fresh). Rank 0 alone
         verifies (hashing reads every file) and broadcasts its choice, so every rank loads the same checkpoint or
         raises the same ValueError (checkpoints exist but none is usable)."""
@@ -200,7 +200,7 @@ class Trainer:
             try:
                 selection = select_checkpoint(self.ckpt_root, model_shape(self.model_cfg),
                                               run_layout(self.cfg, self.session.world_size))
-                for line in resume_messages(selection, to_dict(self.cfg)):
+                for line in resume_messages(selection, to_dict(self.cfg), doing):
                     print(line, file=sys.stderr, flush=True)
                 chosen[0] = str(selection.path) if selection.path else None
             except ValueError as exc:
@@ -309,7 +309,7 @@ def evaluate(cfg: LsysConfig) -> dict[str, Any]:
     with distributed_session(cfg.train.device, cfg.train.collective_timeout_s) as session:
         validate_for_world(cfg, session.world_size)
         trainer = Trainer(cfg, session)
-        step = trainer._resume()
+        step = trainer._resume("evaluating")
         return {"step": step, "split": "valid", "seq_len": cfg.data.seq_len, **trainer.evaluate()}
 
 

@@ -98,6 +98,7 @@ def test_eval_reports_a_checkpoint_at_another_length_and_layout_and_writes_nothi
                   f"train.run_dir={tmp_path}")
     assert longer.returncode == 0, longer.stderr
     result = json.loads(longer.stdout.strip().splitlines()[-1])
+    assert "lsys: evaluating step_00000004 with changed settings: data.seq_len 32 -> 128" in longer.stderr
     assert result["step"] == 4 and result["seq_len"] == 128 and 0.0 <= result["passkey_accuracy"] <= 1.0
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
