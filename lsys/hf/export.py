@@ -40,6 +40,7 @@ from lsys.checkpoint_verify import (
     verify_checkpoint,
 )
 from lsys.config import LsysConfig, config_from_dict
+from lsys.hf.checkpoint import INDEX_FILE, expected_shapes
 from lsys.hf.config import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_SIZE,
@@ -49,9 +50,7 @@ from lsys.hf.config import (
     resolve_pretrained,
 )
 from lsys.hf.names import hf_name
-from lsys.model import Transformer
 
-INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 # What a HuggingFace model directory may hold of its tokenizer; whichever exist are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -90,7 +89,12 @@ class ExportPlan:
 
     @property
     def tmp(self) -> Path:
-        return self.out.with_name(self.out.name + ".tmp")
+        return staging_dir(self.out)
+
+
+def staging_dir(out: Path) -> Path:
+    """Where the directory is assembled before it is renamed to `out`: beside it, so the rename is atomic."""
+    return out.with_name(out.name + ".tmp")
 
 
 def parse_size(text: str) -> int:
@@ -161,14 +165,12 @@ def checkpoint_entries(path: Path) -> dict[str, Any]:
 def _tensors(path: Path, stored: dict[str, Any], cfg: LsysConfig) -> list[ExportedTensor]:
     """The model's parameters in its own order (a tied head once, as the embedding), as the checkpoint holds
     them; the optimizer's state is not exported."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
     tensors = []
-    for name, param in model.named_parameters():  # shared parameters once: no lm_head when tied
+    for name, shape in expected_shapes(cfg.model).items():  # shared parameters once: no lm_head when tied
         entry = stored.get(f"model.{name}")
-        if not isinstance(entry, TensorStorageMetadata) or entry.size != param.shape:
+        if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != shape:
             found = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else "nothing"
-            raise ValueError(f"{path}: holds {found} for parameter {name}, the model needs {tuple(param.shape)}; "
+            raise ValueError(f"{path}: holds {found} for parameter {name}, the model needs {shape}; "
                              "the checkpoint does not match its manifest's model")
         tensors.append(ExportedTensor(name, hf_name(name), entry.size, entry.properties.dtype))
     return tensors
@@ -237,7 +239,7 @@ def _generation_file(cfg: LsysConfig) -> dict[str, Path]:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: already exists and is not empty; export into a new directory")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = staging_dir(out)
     if tmp.exists():
         raise ValueError(f"{tmp}: exists (left by an interrupted export?); remove it, or export elsewhere")
     parent = out.parent.resolve()
