@@ -64,11 +64,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if document_ids is None:
-            # The plain path calls attn_fn exactly as before, so any attention without document masks still fits.
-            out = self.attn_fn(q, k, v, causal=True)
-        else:
-            out = self.attn_fn(q, k, v, causal=True, document_ids=document_ids)
+        out = self.attn_fn(q, k, v, causal=True, document_ids=document_ids)
         return self.wo(out.reshape(b, s, -1))
 
 

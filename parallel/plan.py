@@ -5,8 +5,9 @@ gives them, so another model family brings its own plan and the parallel layer s
 the model's own module objects (transforms wrap them in place), taken once before any transform runs.
 
 The model's side of the contract, beyond the plan:
-- each block's attention module has an `attn_fn(q, k, v, causal=...)` attribute that transforms replace
-  (context-parallel attention, int8 storage, selective recompute's replay), on [B, S, heads, head_dim];
+- each block's attention module has an `attn_fn(q, k, v, causal=..., document_ids=...)` attribute that
+  transforms replace (context-parallel attention, int8 storage, selective recompute's replay), on
+  [B, S, heads, head_dim] (document ids [B, S], or None: plain causal);
 - attention and feed-forward modules take the normalised activation [B, S, hidden] as their first input and
   return [B, S, hidden]; a block maps [B, S, hidden] to [B, S, hidden] (plus any further, local inputs);
 - positions are explicit global ids, so a rank holding a shard of the sequence computes what the full

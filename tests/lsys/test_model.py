@@ -75,7 +75,7 @@ def test_attn_fn_is_replaceable():
     model = build_model(tiny(), torch.device("cpu"), torch.float32, seed=0)
     calls = []
 
-    def spy(q, k, v, causal):
+    def spy(q, k, v, causal, document_ids=None):
         calls.append((q.shape, k.shape, causal))
         return torch.zeros_like(q)
 
