@@ -14,11 +14,10 @@ from typing import Any
 import torch
 
 from lsys.data.task import (
-    Task,
+    PackableTask,
     check_int,
     next_token_labels,
     option_error,
-    pack_samples,
     sample_generator,
     take_options,
 )
@@ -29,7 +28,7 @@ FIRST_KEY = 2
 DEFAULTS = {"num_pairs": 8, "num_queries": None, "key_vocab": 32, "value_vocab": 32, "filler_vocab": 16, "pack": 1}
 
 
-class MqarTask(Task):
+class MqarTask(PackableTask):
     """Vocabulary: 0 PAD, 1 BOS, `key_vocab` keys, `value_vocab` values, `filler_vocab` filler tokens.
 
     `num_pairs` key-value pairs open the sequence (keys distinct, values drawn with replacement); the last
@@ -38,8 +37,7 @@ class MqarTask(Task):
     right.
     `num_queries` defaults to `num_pairs` (every key asked once).
 
-    `pack` > 1 packs that many samples (each seq_len / pack tokens, its own document) into one sequence:
-    sample i holds samples i * pack ... i * pack + pack - 1 of the unpacked task at that length.
+    `pack` > 1 packs that many samples into one sequence (see PackableTask).
     """
 
     metric_name = "recall_accuracy"
@@ -53,12 +51,7 @@ class MqarTask(Task):
         self.key_vocab = check_int("mqar", "key_vocab", opts["key_vocab"], 1)
         self.value_vocab = check_int("mqar", "value_vocab", opts["value_vocab"], 1)
         self.filler_vocab = check_int("mqar", "filler_vocab", opts["filler_vocab"], 1)
-        self.pack = check_int("mqar", "pack", opts["pack"], 1)
-        self.packed = self.pack > 1
-        if seq_len % self.pack:
-            raise option_error("mqar", "pack", self.pack, f"must divide seq_len={seq_len} (each sample gets "
-                               "seq_len / pack tokens)")
-        piece = seq_len // self.pack
+        piece = self.check_pack("mqar", opts["pack"])
         if self.num_queries > self.num_pairs:
             raise option_error("mqar", "num_queries", self.num_queries,
                                f"each key is asked at most once, so use at most num_pairs={self.num_pairs}")
@@ -77,12 +70,7 @@ class MqarTask(Task):
         self._loss_mask = torch.zeros(piece, dtype=torch.bool)
         self._loss_mask[piece - 2 * self.num_queries :: 2] = True
 
-    def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
-        self.check_index(index, split)
-        return pack_samples([self._one(index * self.pack + j, split) for j in range(self.pack)])
-
-    def _one(self, index: int, split: str) -> dict[str, torch.Tensor]:
-        # One unpacked sample of seq_len / pack tokens.
+    def one_sample(self, index: int, split: str) -> dict[str, torch.Tensor]:
         gen = sample_generator(self.seed, split, index)
         keys = torch.randperm(self.key_vocab, generator=gen)[: self.num_pairs] + FIRST_KEY
         values = torch.randint(self.first_value, self.first_filler, (self.num_pairs,), generator=gen)

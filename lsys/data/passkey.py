@@ -16,11 +16,9 @@ from typing import Any
 import torch
 
 from lsys.data.task import (
-    Task,
+    PackableTask,
     check_int,
     next_token_labels,
-    option_error,
-    pack_samples,
     sample_generator,
     take_options,
 )
@@ -33,7 +31,7 @@ MIN_FILLER = 4
 DEFAULTS = {"key_len": 4, "key_vocab": 10, "filler_vocab": 16, "pack": 1}
 
 
-class PasskeyTask(Task):
+class PasskeyTask(PackableTask):
     """Vocabulary: 0 PAD, 1 BOS, 2 KEY ("the pass key is"), 3 QUERY ("what is the pass key?"), then
     `key_len` sets of `key_vocab` digit tokens (set j for digit j), then `filler_vocab` filler tokens.
 
@@ -42,8 +40,7 @@ class PasskeyTask(Task):
     targets are exactly the answer: at the final KEY (target d1) and at answer digits d1..d(k-1) (targets
     d2..dk). The metric `passkey_accuracy` counts a sequence right only when all k digits are.
 
-    `pack` > 1 packs that many samples (each seq_len / pack tokens, its own document) into one sequence:
-    sample i holds samples i * pack ... i * pack + pack - 1 of the unpacked task at that length.
+    `pack` > 1 packs that many samples into one sequence (see PackableTask).
     """
 
     metric_name = "passkey_accuracy"
@@ -54,12 +51,7 @@ class PasskeyTask(Task):
         self.key_len = check_int("passkey", "key_len", opts["key_len"], 1)
         self.key_vocab = check_int("passkey", "key_vocab", opts["key_vocab"], 1)
         self.filler_vocab = check_int("passkey", "filler_vocab", opts["filler_vocab"], 1)
-        self.pack = check_int("passkey", "pack", opts["pack"], 1)
-        self.packed = self.pack > 1
-        if seq_len % self.pack:
-            raise option_error("passkey", "pack", self.pack, f"must divide seq_len={seq_len} (each sample gets "
-                               "seq_len / pack tokens)")
-        piece = seq_len // self.pack
+        piece = self.check_pack("passkey", opts["pack"])
         minimum = self.min_seq_len(self.key_len)
         if piece < minimum:
             raise ValueError(f"seq_len={seq_len}: passkey with key_len={self.key_len} and pack={self.pack} needs "
@@ -76,12 +68,7 @@ class PasskeyTask(Task):
         # BOS + KEY block + QUERY + KEY + answer, plus some filler
         return 2 * key_len + 4 + MIN_FILLER
 
-    def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
-        self.check_index(index, split)
-        return pack_samples([self._one(index * self.pack + j, split) for j in range(self.pack)])
-
-    def _one(self, index: int, split: str) -> dict[str, torch.Tensor]:
-        # One unpacked sample of seq_len / pack tokens.
+    def one_sample(self, index: int, split: str) -> dict[str, torch.Tensor]:
         gen = sample_generator(self.seed, split, index)
         digits = torch.randint(0, self.key_vocab, (self.key_len,), generator=gen)
         key = FIRST_DIGIT + torch.arange(self.key_len) * self.key_vocab + digits

@@ -283,3 +283,27 @@ class Task(ABC):
             raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
         if index < 0:
             raise ValueError(f"index={index}: sample indices start at 0")
+
+
+class PackableTask(Task):
+    """A synthetic task with a `pack` option: that many of its samples (seq_len / pack tokens each, each its own
+    document) share one sequence; sample i holds samples i * pack ... i * pack + pack - 1 of the unpacked task."""
+
+    pack: int = 1
+
+    def check_pack(self, task: str, pack: Any) -> int:
+        """Set `pack` from the option's value (checked); returns the length of one sample, seq_len / pack."""
+        self.pack = check_int(task, "pack", pack, 1)
+        self.packed = self.pack > 1
+        if self.seq_len % self.pack:
+            raise option_error(task, "pack", self.pack, f"must divide seq_len={self.seq_len} (each sample gets "
+                               "seq_len / pack tokens)")
+        return self.seq_len // self.pack
+
+    def sample(self, index: int, split: str = "train") -> dict[str, torch.Tensor]:
+        self.check_index(index, split)
+        return pack_samples([self.one_sample(index * self.pack + j, split) for j in range(self.pack)])
+
+    @abstractmethod
+    def one_sample(self, index: int, split: str) -> dict[str, torch.Tensor]:
+        """Unpacked sample `index` of `split`, seq_len / pack tokens: `tokens`, `labels`, `loss_mask`."""
