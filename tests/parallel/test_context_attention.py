@@ -171,7 +171,8 @@ def _two_rank_document_cases(backend):
     return _check_documents(configs, 16, backend, "ring2")
 
 
-def _four_rank_cases():
+def _four_rank_configs() -> tuple[dict, dist.ProcessGroup]:
+    """(name -> (ring group, Ulysses group) of this rank, this rank's pair group {0, 1} or {2, 3})."""
     rank, world = dist.get_rank(), dist.group.WORLD
     # new_group is collective: every rank creates every group, in the same order.
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -182,20 +183,19 @@ def _four_rank_cases():
         "hybrid ring{0,2} x ulysses{0,1}": (strided[rank % 2], pairs[rank // 2]),
         "hybrid ring{0,1} x ulysses{0,2}": (pairs[rank // 2], strided[rank % 2]),
     }
+    return configs, pairs[rank // 2]
+
+
+def _four_rank_cases():
+    configs, pair = _four_rank_configs()
     count = _check_all(configs, 32, HEADS)
-    errors = {"ring2": _bf16_errors((pairs[rank // 2], None)), "ring4": _bf16_errors((world, None))}
+    errors = {"ring2": _bf16_errors((pair, None)), "ring4": _bf16_errors((dist.group.WORLD, None))}
     return count, errors
 
 
 def _four_rank_document_cases(backend):
-    rank, world = dist.get_rank(), dist.group.WORLD
-    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    strided = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-    configs = {
-        "ring4": (world, None),
-        "ulysses4": (None, world),
-        "hybrid ring{0,2} x ulysses{0,1}": (strided[rank % 2], pairs[rank // 2]),
-    }
+    configs, _ = _four_rank_configs()
+    del configs["hybrid ring{0,1} x ulysses{0,2}"]  # one hybrid grouping is enough for the document cases
     return _check_documents(configs, 32, backend, "ring4")
 
 
