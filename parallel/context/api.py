@@ -84,15 +84,13 @@ def attention(
         q, k, v = scatter_heads(q, k, v, ulysses_group)
         if document_ids is not None:
             document_ids = gather_document_ids(document_ids, ulysses_group)
-    # With document ids and no ring group, the ring of one (its own block) is the single-device attention that
-    # passes the ids to the block kernel.
-    if ring_size > 1 or document_ids is not None:
+    if ring_size > 1:
         out = ring_attention(
             q, k, v, ring_group, causal=causal, layout=layout, scale=scale, backend=backend,
             document_ids=document_ids,
         )
     else:
-        out = local_attention(q, k, v, causal=causal, scale=scale, backend=backend)
+        out = local_attention(q, k, v, causal=causal, scale=scale, backend=backend, document_ids=document_ids)
     if ulysses_size > 1:
         out = heads_to_seq(out, ulysses_group)
     return out

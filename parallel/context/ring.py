@@ -32,7 +32,6 @@ from torch import Tensor
 
 from kernels.attention import attention_backward, attention_forward, expand_kv_heads, reduce_kv_heads
 from kernels.merge import merge_attention
-from parallel.context.layout import Group, group_size_rank
 
 # Distinct tags keep a K/V block, its document ids and a dK/dV accumulator in flight to the same peer apart.
 _KV_TAG = 1
@@ -112,7 +111,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, docs, group, causal, layout, scale, backend):
         # q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D]; docs: [B, S_local] int64 or None
         # -> out [B, S_local, Hq, D]
-        size, rank = group_size_rank(group)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
         num_q_heads, seq_len = q.shape[2], q.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
         own_kv = kv = torch.stack([k, v])  # [2, B, S_local, Hkv, D]: one contiguous message per hop
@@ -158,7 +157,7 @@ class _RingAttention(torch.autograd.Function):
         # dout: [B, S_local, Hq, D] -> dq [B, S_local, Hq, D]; dk, dv [B, S_local, Hkv, D]
         q, kv, out, lse, docs = ctx.saved_tensors
         group, plans, scale, backend = ctx.options
-        size, rank = group_size_rank(group)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
         num_q_heads, num_kv_heads = q.shape[2], kv.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
         dout = dout.contiguous()
@@ -211,7 +210,7 @@ def ring_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    group: Group,
+    group: dist.ProcessGroup,
     *,
     causal: bool = True,
     layout: str = "zigzag",
@@ -223,7 +222,6 @@ def ring_attention(
     -> [B, S_local, Hq, D], differentiable.
 
     The inputs are this rank's shard of the ring group's sequence in `layout` order; shapes are checked by
-    parallel.context.attention, which is the entry point to use. A missing group is a ring of one: plain
-    single-device attention.
+    parallel.context.attention, which is the entry point to use.
     """
     return _RingAttention.apply(q, k, v, document_ids, group, causal, layout, scale, backend)
