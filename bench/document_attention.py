@@ -4,8 +4,10 @@ Single process, forward + backward through `kernels.attention` (B=1, S=8192, H=8
 for several document mixes of one packed row: one document, 8 and 64 equal documents, and a power-law mix
 (Pareto lengths, fixed seed). Masked work is one flash call per document, so its time over plain causal should
 be about the fraction of causal (query, key) pairs the mask keeps. Cases are interleaved within each repeat and
-the median over repeats is reported. With `--ranks N` the same row is sharded (zigzag) over an N-rank ring and
-timed through `parallel.context.attention` on every rank; the busiest rank's median is reported.
+the median over repeats is reported. With `--ranks N` the same row is sharded over an N-rank ring and timed
+through `parallel.context.attention` on every rank, both zigzag and with the layout `balance_layout` chooses for
+the mix; each repeat counts its busiest rank, and a mix of one long document followed by short ones is added
+(zigzag balances it worst).
 
     python bench/document_attention.py [--seq 8192] [--repeats 5] [--ranks 2]
 
@@ -41,13 +43,16 @@ def power_law_lengths(seq: int, alpha: float, seed: int) -> list[int]:
     return lengths
 
 
-def mixes(seq: int, seed: int) -> dict[str, list[int]]:
-    return {
+def mixes(seq: int, seed: int, ring: bool = False) -> dict[str, list[int]]:
+    cases = {
         "1 document": [seq],
         "8 equal": [seq // 8] * 8,
         "64 equal": [seq // 64] * 64,
         "power law": power_law_lengths(seq, alpha=1.2, seed=seed),
     }
+    if ring:
+        cases["half + 64"] = [seq // 2] + [seq // 128] * 64
+    return cases
 
 
 def causal_fraction(lengths: list[int], seq: int) -> float:
@@ -55,15 +60,16 @@ def causal_fraction(lengths: list[int], seq: int) -> float:
     return sum(n * (n + 1) // 2 for n in lengths) / (seq * (seq + 1) // 2)
 
 
-def fwd_bwd_seconds(q, k, v, dout, document_ids, ring: bool = False) -> float:
+def fwd_bwd_seconds(q, k, v, dout, document_ids, layout=None) -> float:
+    """One forward + backward; with a layout, of ring attention over the world on this rank's shard."""
     q.grad = k.grad = v.grad = None
     start = time.perf_counter()
-    if ring:
+    if layout is not None:
         import torch.distributed as dist
 
         from parallel.context import attention as cp_attention
 
-        out = cp_attention(q, k, v, causal=True, ring_group=dist.group.WORLD, layout="zigzag", backend="aten",
+        out = cp_attention(q, k, v, causal=True, ring_group=dist.group.WORLD, layout=layout, backend="aten",
                            document_ids=document_ids)
     else:
         out = attention(q, k, v, causal=True, backend="aten", document_ids=document_ids)
@@ -72,27 +78,37 @@ def fwd_bwd_seconds(q, k, v, dout, document_ids, ring: bool = False) -> float:
 
 
 def timings(args: dict, ring: bool = False) -> dict[str, list[float]]:
-    """Seconds of every repeat of plain causal and of each mix; on a ring rank, of this rank's shard."""
+    """Seconds of every repeat of plain causal and of each mix; on a ring rank, of this rank's shard, under zigzag
+    and (keys ending " balanced") the balanced layout of the mix."""
     gen = torch.Generator().manual_seed(args["seed"])
     shape = (1, args["seq"], args["heads"], args["head_dim"])
     full = [torch.randn(shape, generator=gen) for _ in range(4)]
-    cases = mixes(args["seq"], args["seed"])
+    cases = mixes(args["seq"], args["seed"], ring)
     ids = {name: torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n))[None] for name, n in cases.items()}
+    runs = {name: (None, ids[name], None) for name in cases}  # name -> (layout, ids, the inputs' layout)
     if ring:
         import torch.distributed as dist
 
-        from parallel.context import shard
+        from parallel.context import balance_layout, shard
 
-        full = [shard(x, ring_group=dist.group.WORLD, layout="zigzag") for x in full]
-        ids = {name: shard(x, ring_group=dist.group.WORLD, layout="zigzag") for name, x in ids.items()}
-    q, k, v = (x.requires_grad_(True) for x in full[:3])
-    dout = full[3]
-    fwd_bwd_seconds(q, k, v, dout, None, ring)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in ["plain causal", *cases]}
+        world = dist.group.WORLD
+        runs = {name: ("zigzag", ids[name]) for name in cases}
+        runs |= {f"{name} balanced": (balance_layout(ids[name], dist.get_world_size()), ids[name]) for name in cases}
+        inputs = {layout: [shard(x, ring_group=world, layout=layout).requires_grad_(True) for x in full]
+                  for layout, _ in runs.values()}
+        runs = {name: (layout, shard(docs, ring_group=world, layout=layout), inputs[layout])
+                for name, (layout, docs) in runs.items()}
+        runs["plain causal"] = ("zigzag", None, inputs["zigzag"])
+    else:
+        inputs = [x.requires_grad_(True) for x in full]
+        runs = {name: (None, docs, inputs) for name, (_, docs, _) in runs.items()}
+        runs["plain causal"] = (None, None, inputs)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for layout, docs, (q, k, v, dout) in runs.values():  # warm-up, once per layout
+        fwd_bwd_seconds(q, k, v, dout.detach(), docs, layout)
     for _ in range(args["repeats"]):
-        times["plain causal"].append(fwd_bwd_seconds(q, k, v, dout, None, ring))
-        for name in cases:
-            times[name].append(fwd_bwd_seconds(q, k, v, dout, ids[name], ring))
+        for name, (layout, docs, (q, k, v, dout)) in runs.items():
+            times[name].append(fwd_bwd_seconds(q, k, v, dout.detach(), docs, layout))
     return times
 
 
@@ -118,22 +134,30 @@ def main(argv: list[str] | None = None) -> int:
 
     parser_args = {"seq": args.seq, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
                    "seed": args.seed, "ranks": args.ranks}
-    cases = mixes(args.seq, args.seed)
-    times = ring_timings(parser_args) if args.ranks > 1 else timings(parser_args)
+    ring = args.ranks > 1
+    cases = mixes(args.seq, args.seed, ring)
+    times = ring_timings(parser_args) if ring else timings(parser_args)
     plain = statistics.median(times["plain causal"])
 
     rows = []
-    where = f"zigzag ring of {args.ranks} ranks, busiest rank" if args.ranks > 1 else \
+    where = f"ring of {args.ranks} ranks (zigzag unless balanced), busiest rank" if ring else \
         f"{torch.get_num_threads()} threads"
     print(f"aten fwd+bwd, B=1 S={args.seq} H={args.heads} D={args.head_dim} causal fp32, {where}, "
           f"median of {args.repeats}; plain causal {plain * 1e3:.0f} ms")
-    print(f"{'mix':<12} {'docs':>5} {'ms':>8} {'masked/plain':>13} {'pairs kept':>11}")
+    header = f"{'mix':<12} {'docs':>5} {'ms':>8} {'masked/plain':>13} {'pairs kept':>11}"
+    print(header + (f" {'balanced ms':>12} {'balanced/plain':>15}" if ring else ""))
     for name, lengths in cases.items():
         median = statistics.median(times[name])
         row = {"mix": name, "documents": len(lengths), "ms": median * 1e3, "ratio": median / plain,
                "pairs_kept": causal_fraction(lengths, args.seq), "times_ms": [t * 1e3 for t in times[name]]}
+        line = f"{name:<12} {len(lengths):>5} {row['ms']:>8.0f} {row['ratio']:>13.3f} {row['pairs_kept']:>11.3f}"
+        if ring:
+            balanced = statistics.median(times[f"{name} balanced"])
+            row |= {"balanced_ms": balanced * 1e3, "balanced_ratio": balanced / plain,
+                    "balanced_times_ms": [t * 1e3 for t in times[f"{name} balanced"]]}
+            line += f" {row['balanced_ms']:>12.0f} {row['balanced_ratio']:>15.3f}"
         rows.append(row)
-        print(f"{name:<12} {len(lengths):>5} {row['ms']:>8.0f} {row['ratio']:>13.3f} {row['pairs_kept']:>11.3f}")
+        print(line)
 
     if not args.no_json:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from lsys.config import LsysConfig
 from lsys.data import Batch
 from lsys.model import logit_losses
 from lsys.optim import TrainingOptimizer
+from parallel.context import ShardedDocuments
 from parallel.data_parallel import gradient_sync
 
 
@@ -76,9 +77,12 @@ class StepWork:
                               labels=batch.labels.to(self.device), loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
                               document_ids=self._document_ids(batch))
 
-    def _document_ids(self, batch: Batch) -> Tensor | None:
-        # batch: [B, S_local] -> its document ids [B, S_local], or None: unmasked attention takes the plain path
-        return batch.document_ids.to(self.device) if self.document_masks else None
+    def _document_ids(self, batch: Batch) -> Tensor | ShardedDocuments | None:
+        # batch: [B, S_local] -> its document ids [B, S_local], or None: unmasked attention takes the plain path.
+        # A batch sharded with a layout chosen for it carries that layout with its ids, which its attention
+        # needs even unmasked (its ids are then all one document).
+        ids = batch.document_ids
+        return ids.to(self.device) if self.document_masks or isinstance(ids, ShardedDocuments) else None
 
     def accumulate_gradients(self, micro_batches: list[Batch], global_tokens: float) -> Tensor:
         """Forward and backward of every micro-batch (gradients synchronised on the last); returns the summed

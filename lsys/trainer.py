@@ -166,9 +166,10 @@ class Trainer:
         layout = self.cfg.parallel.cp_layout
         for i in range(0, len(ids), self.micro_batch):
             full = self.task.batch(ids[i:i + self.micro_batch], split="valid")
-            losses, logits = self.work.token_losses(shard_batch(full, self.mesh, layout))
-            predictions = gather_sequence(logits.argmax(-1), self.mesh, layout).cpu()
-            token_losses = gather_sequence(losses, self.mesh, layout).cpu()
+            local = shard_batch(full, self.mesh, layout)
+            losses, logits = self.work.token_losses(local)
+            predictions = gather_sequence(logits.argmax(-1), local, self.mesh, layout).cpu()
+            token_losses = gather_sequence(losses, local, self.mesh, layout).cpu()
             totals = totals + self.task.eval_totals(full, predictions, token_losses)
         summed = totals.to_tensor().to(self.device)
         dist.all_reduce(summed, group=self.mesh.dp_group)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-CP_LAYOUTS = ("zigzag", "contiguous")
+CP_LAYOUTS = ("zigzag", "contiguous", "balanced")
+# "balanced": each ring rank holds this many equal chunks of the sequence, chosen per batch by their attention cost
+# under the batch's document masks (parallel.context.balance). More chunks balance finer and cost more block calls.
+BALANCED_CHUNKS_PER_RANK = 8
 # The shortest sequence a run trains on (data.seq_len, data.curriculum.start_len). Lengths the trainer's curriculum
 # and the budget search choose are multiples of it (sequence_granularity), so each one is itself a valid length.
 MIN_SEQ_LEN = 8
@@ -21,7 +24,8 @@ class ParallelConfig:
     dp: data-parallel degree, -1 to take whatever the other degrees leave of the world size.
     cp_ring / cp_ulysses: context-parallel degrees (ring attention, Ulysses all-to-all; both: 2-D hybrid).
     tp: tensor-parallel degree.
-    cp_layout: how the sequence is split over ring ranks: "zigzag" balances causal work, "contiguous" does not.
+    cp_layout: how the sequence is split over ring ranks: "zigzag" balances plain causal work, "contiguous" does
+      not, "balanced" balances document-masked causal work batch by batch (needs document masks).
     fsdp_unit_params: the fewest parameters one FSDP2 unit gathers: consecutive blocks are grouped until they hold
       this many, and blocks left below it stay with the root (gathered for the whole step). 0: every block is its
       own unit. Each unit costs an all-gather in forward and in backward and a reduce-scatter, whatever its size,
@@ -83,11 +87,18 @@ class ParallelConfig:
 
 def sequence_multiple(cp_ring: int, cp_ulysses: int, tp: int = 1, layout: str = "zigzag") -> int:
     """What every sequence length must be a multiple of to be sharded over these degrees and `layout` (one of
-    CP_LAYOUTS). Zigzag cuts the ring axis into 2 x cp_ring chunks (contiguous: cp_ring) and each ring rank's part
-    is cut again into cp_ulysses parts, so the length must divide both ways; sequence parallelism then cuts every
-    one of those parts into tp pieces."""
-    ring_chunks = 2 * cp_ring if layout == "zigzag" and cp_ring > 1 else cp_ring
-    return math.lcm(ring_chunks, cp_ring * cp_ulysses) * tp
+    CP_LAYOUTS). The ring axis is cut into `ring_chunks` equal chunks and each ring rank's part is cut again into
+    cp_ulysses parts, so the length must divide both ways; sequence parallelism then cuts every one of those parts
+    into tp pieces."""
+    return math.lcm(ring_chunks(cp_ring, layout), cp_ring * cp_ulysses) * tp
+
+
+def ring_chunks(cp_ring: int, layout: str) -> int:
+    """How many equal chunks `layout` cuts the sequence into over `cp_ring` ring ranks: zigzag 2 per rank,
+    balanced BALANCED_CHUNKS_PER_RANK per rank, contiguous (and any layout over one ring rank) 1 per rank."""
+    if cp_ring == 1 or layout == "contiguous":
+        return cp_ring
+    return cp_ring * (2 if layout == "zigzag" else BALANCED_CHUNKS_PER_RANK)
 
 
 def sequence_granularity(cp_ring: int, cp_ulysses: int, tp: int = 1, layout: str = "zigzag") -> int:

@@ -38,11 +38,14 @@ from parallel.transforms import mark_applied
 def apply_context_parallel(model: nn.Module, plan: ParallelPlan, cfg: ParallelConfig, mesh: MeshInfo) -> None:
     """Swap every block's attention function for context-parallel attention over the mesh's CP groups."""
     from parallel.context import attention as cp_attention
+    from parallel.context import sharded_attention
 
     mark_applied(model, "context parallelism")
-    attn_fn = functools.partial(
-        cp_attention, ring_group=mesh.ring_group, ulysses_group=mesh.ulysses_group, layout=cfg.cp_layout
-    )
+    groups = {"ring_group": mesh.ring_group, "ulysses_group": mesh.ulysses_group}
+    if cfg.cp_layout == "balanced":  # chosen per batch: it comes with the document ids (lsys.sharding)
+        attn_fn = functools.partial(sharded_attention, **groups)
+    else:
+        attn_fn = functools.partial(cp_attention, **groups, layout=cfg.cp_layout)
     for block in plan.blocks:
         block.attention.attn_fn = attn_fn
 

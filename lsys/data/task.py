@@ -33,7 +33,9 @@ class Batch:
     labels: torch.Tensor  # [B, S] int64
     loss_mask: torch.Tensor  # [B, S] bool
     positions: torch.Tensor  # [B, S] int64
-    document_ids: torch.Tensor  # [B, S] int64
+    # [B, S] int64; a batch sharded with the "balanced" context-parallel layout holds them with that layout
+    # (parallel.context.ShardedDocuments, see lsys.sharding).
+    document_ids: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))

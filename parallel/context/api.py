@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kernels.attention import attention as local_attention
-from parallel.context.layout import Group, check_groups, check_layout, check_sequence, group_size_rank
+from parallel.context.layout import Group, Layout, check_groups, check_layout, check_sequence, group_size_rank
 from parallel.context.ring import ring_attention
 from parallel.context.ulysses import check_ulysses_heads, gather_document_ids, heads_to_seq, scatter_heads
 
@@ -37,7 +37,7 @@ def check_document_ids(document_ids: Tensor, q: Tensor) -> None:
 
 
 def check_attention_inputs(
-    q: Tensor, k: Tensor, v: Tensor, *, ring_size: int, ulysses_size: int, layout: str,
+    q: Tensor, k: Tensor, v: Tensor, *, ring_size: int, ulysses_size: int, layout: Layout,
     document_ids: Tensor | None = None,
 ) -> None:
     """Raise ValueError, naming what to change, when the local shards cannot be attended with these sizes."""
@@ -64,7 +64,7 @@ def attention(
     causal: bool = True,
     ring_group: Group = None,
     ulysses_group: Group = None,
-    layout: str = "zigzag",
+    layout: Layout = "zigzag",
     scale: float | None = None,
     backend: str = "auto",
     document_ids: Tensor | None = None,

@@ -13,7 +13,7 @@ Hkv heads; they are expanded to Hq only for the block kernel call (GQA saves ban
 
 Document ids (packed documents): the K/V block's ids travel with it, a second message in the same batch, and
 every block call gets the ids of its query rows and keys. A block whose query rows share no document with its
-keys is skipped like the contiguous layout's empty blocks; forward decides once per step from the ids it has
+keys is skipped like the causal mask's empty blocks; forward decides once per call from the ids it has
 (exactly, for any ids) and backward reuses those decisions. Every block still travels the whole ring: skipping
 transfers would need every rank's ids up front.
 
@@ -22,9 +22,13 @@ Causal schedules (local tensors are the rank's shard, see parallel.context.layou
   all local queries against the first half of its K/V. From a later rank: the second half of local queries
   against all its K/V. Every rank computes the same number of chunk pairs at every step.
 - contiguous: earlier ranks full, later ranks skipped, own block causal (rank P-1 does the most work).
+- a balanced layout (several chunks per rank, chosen per batch): own block causal; from another rank, each run
+  of local chunks against the visiting chunks numbered below it (`block_plan`).
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 import torch.distributed as dist
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from kernels.attention import attention_backward, attention_forward, expand_kv_heads, reduce_kv_heads
 from kernels.merge import merge_attention
+from parallel.context.layout import ChunkLayout, Layout, chunk_layout
 
 # Distinct tags keep a K/V block, its document ids and a dK/dV accumulator in flight to the same peer apart.
 _KV_TAG = 1
@@ -67,26 +72,34 @@ def _wait(works: list) -> None:
         work.wait()
 
 
-def block_plan(
-    source: int, rank: int, seq_len: int, causal: bool, layout: str
-) -> tuple[slice, slice, bool] | None:
-    """(query rows, key rows, block causal) of this rank's queries against ring rank `source`'s K/V.
+Block = tuple[slice, slice, bool]  # (query rows, key rows, causal) of one block kernel call
 
-    None: nothing to compute (causal, contiguous layout, K/V from a later rank).
 
-    seq_len is the local shard length (both q and the visiting K/V have it).
+def block_plan(source: int, rank: int, seq_len: int, causal: bool, layout: ChunkLayout) -> list[Block]:
+    """The block kernel calls of this rank's queries against ring rank `source`'s K/V; [] when nothing is
+    computed (causal, every visiting key after every local query).
+
+    seq_len is the local shard length (both q and the visiting K/V have it). Both ranks' chunks ascend (see
+    parallel.context.layout), so under a causal mask a local chunk sees a prefix of the visiting chunks, the ones
+    numbered below it: consecutive local chunks that see the same prefix make one call.
     """
     everything = slice(0, seq_len)
     if source == rank:
-        return everything, everything, causal
+        return [(everything, everything, causal)]
     if not causal:
-        return everything, everything, False
-    if layout == "contiguous":
-        return (everything, everything, False) if source < rank else None
-    half = seq_len // 2
-    if source < rank:
-        return everything, slice(0, half), False
-    return slice(half, seq_len), everything, False
+        return [(everything, everything, False)]
+    mine, theirs = layout.ranks[rank], layout.ranks[source]
+    size = seq_len // len(mine)
+    calls: list[Block] = []
+    for index, chunk in enumerate(mine):
+        seen = bisect.bisect_left(theirs, chunk)  # visiting chunks before this one; grows with index
+        if not seen:
+            continue
+        if calls and calls[-1][1].stop == seen * size:
+            calls[-1] = (slice(calls[-1][0].start, (index + 1) * size), calls[-1][1], False)
+        else:
+            calls.append((slice(index * size, (index + 1) * size), slice(0, seen * size), False))
+    return calls
 
 
 def _shares_document(q_docs: Tensor, k_docs: Tensor) -> bool:
@@ -121,13 +134,14 @@ class _RingAttention(torch.autograd.Function):
         for step in range(size):
             if step + 1 < size:
                 next_kv, next_docs, works = _rotate_block(kv, k_docs, group, rank, size)
-            plan = block_plan((rank - step) % size, rank, seq_len, causal, layout)
             # The own block always shares documents (each position with itself), so step 0 is never skipped.
-            if plan is not None and docs is not None and not _shares_document(docs[:, plan[0]], k_docs[:, plan[1]]):
-                plan = None
+            plan = [
+                (rows, keys, block_causal)
+                for rows, keys, block_causal in block_plan((rank - step) % size, rank, seq_len, causal, layout)
+                if docs is None or _shares_document(docs[:, rows], k_docs[:, keys])
+            ]
             plans.append(plan)
-            if plan is not None:
-                rows, keys, block_causal = plan
+            for rows, keys, block_causal in plan:
                 block_out, block_lse = attention_forward(
                     q[:, rows],
                     expand_kv_heads(kv[0][:, keys], num_q_heads),
@@ -166,9 +180,8 @@ class _RingAttention(torch.autograd.Function):
         for step, plan in enumerate(plans):
             if step + 1 < size:
                 next_kv, next_docs, kv_works = _rotate_block(kv, k_docs, group, rank, size)
-            grads = None
-            if plan is not None:
-                rows, keys, block_causal = plan
+            grads = []  # (key rows, dk, dv) of each call, added to the visiting accumulator once it arrives
+            for rows, keys, block_causal in plan:
                 dq_b, dk_b, dv_b = attention_backward(
                     dout[:, rows],
                     q[:, rows],
@@ -181,19 +194,19 @@ class _RingAttention(torch.autograd.Function):
                     backend=backend,
                     **_doc_slices(docs, k_docs, rows, keys),
                 )
-                grads = keys, reduce_kv_heads(dk_b.to(acc), num_kv_heads), reduce_kv_heads(dv_b.to(acc), num_kv_heads)
+                grads.append((keys, reduce_kv_heads(dk_b.to(acc), num_kv_heads),
+                              reduce_kv_heads(dv_b.to(acc), num_kv_heads)))
                 if dq is None:  # step 0, the own block, always covers every row
                     dq = dq_b.to(acc)
                 else:
                     dq[:, rows] += dq_b
             if dkv_works is None:  # step 0: this block's accumulator starts here, from the full own block
-                dkv = torch.stack(grads[1:])
+                dkv = torch.stack(grads[0][1:])
             else:
                 # The accumulator of this same K/V block arrives carrying the contributions of the ranks it
                 # visited; it was in flight while the block backward above ran. Add to it in place.
                 _wait(dkv_works)
-                if grads is not None:
-                    keys, dk, dv = grads
+                for keys, dk, dv in grads:
                     dkv[0][:, keys] += dk
                     dkv[1][:, keys] += dv
             if size > 1:
@@ -213,7 +226,7 @@ def ring_attention(
     group: dist.ProcessGroup,
     *,
     causal: bool = True,
-    layout: str = "zigzag",
+    layout: Layout = "zigzag",
     scale: float | None = None,
     backend: str = "auto",
     document_ids: Tensor | None = None,
@@ -224,4 +237,5 @@ def ring_attention(
     The inputs are this rank's shard of the ring group's sequence in `layout` order; shapes are checked by
     parallel.context.attention, which is the entry point to use.
     """
-    return _RingAttention.apply(q, k, v, document_ids, group, causal, layout, scale, backend)
+    chunks = chunk_layout(layout, dist.get_world_size(group))
+    return _RingAttention.apply(q, k, v, document_ids, group, causal, chunks, scale, backend)

@@ -29,8 +29,9 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def losses_and_grads(values: dict[str, Any]) -> dict[str, Any]:
-    """Every step's loss and the gradients the optimizer saw at every step (after clipping)."""
+def losses_and_grads(values: dict[str, Any], evaluate: bool = False) -> dict[str, Any]:
+    """Every step's loss and the gradients the optimizer saw at every step (after clipping); with `evaluate` the
+    held-out metrics after the last step too."""
     from lsys.config import config_from_dict
 
     cfg = config_from_dict(values)
@@ -43,7 +44,8 @@ def losses_and_grads(values: dict[str, Any]) -> dict[str, Any]:
             lambda *_: grads.append([_whole(p.grad).detach().clone() for p in params])
         )
         losses = [trainer.train_step(step)["loss"] for step in range(cfg.train.steps)]
-    return {"losses": losses, "grads": grads}
+        metrics = trainer.evaluate() if evaluate else None
+    return {"losses": losses, "grads": grads, "eval": metrics}
 
 
 def assert_same_training(actual: dict[str, Any], expected: dict[str, Any]) -> None:

@@ -51,7 +51,7 @@ def test_two_ranks_train_exactly_like_one(tmp_path, one_rank, overrides):
 
 def _each_config(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Several layouts of one world size in one spawn: far cheaper than a spawn per layout.
-    return [losses_and_grads(values) for values in configs]
+    return [losses_and_grads(values, evaluate=True) for values in configs]
 
 
 # Two passkey samples of 16 tokens per sequence: document masks and restarted positions are on.
@@ -63,11 +63,17 @@ def test_packed_documents_train_exactly_like_one_rank(tmp_path):
     reference, unmasked = run_ranks(_each_config, 1, [tiny_config(tmp_path / "one", *PACKED), unmasked])[0]
     assert reference["losses"] != unmasked["losses"]  # the masks change what is computed
     layouts = [("parallel.dp=2",), ("parallel.tp=2",), ("parallel.cp_ring=2",), ("parallel.cp_ulysses=2",),
-               ("parallel.cp_ring=2", "recompute.mode=selective")]
+               ("parallel.cp_ring=2", "recompute.mode=selective"),
+               ("parallel.cp_ring=2", "parallel.cp_layout=balanced", "recompute.mode=full")]
     configs = [tiny_config(tmp_path / "-".join(layout), *PACKED, *layout) for layout in layouts]
+    # The balanced layout without masks: every row one document, balanced like plain causal attention.
+    configs.append(tiny_config(tmp_path / "balanced-off", *PACKED, "data.document_masks=false",
+                               "parallel.cp_ring=2", "parallel.cp_layout=balanced"))
     for per_rank in run_ranks(_each_config, 2, configs):
-        for result in per_rank:
-            assert_same_training(result, reference)
+        for result, expected in zip(per_rank, [reference] * len(layouts) + [unmasked], strict=True):
+            assert_same_training(result, expected)
+            # Evaluation gathers per-token predictions and losses back to the original order.
+            assert result["eval"] == pytest.approx(expected["eval"], rel=1e-9)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import parallel.context.ring
 from kernels.attention import attention_forward, expand_kv_heads
 from kernels.reference import reference_attention_forward
-from parallel.context import attention, gather, shard
+from parallel.context import attention, balance_layout, gather, shard
 from tests.distributed import run_ranks
 
 TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5)}
@@ -121,15 +121,20 @@ def _count_block_calls(fn, *args, **kwargs):
 
 
 def _check_documents(configs, seq, backend, ring_config):
-    """Document masks: every config x layout x causal x id pattern, float64, GQA.
+    """Document masks: every config x layout x causal x id pattern, float64, GQA. "balanced" is the layout
+    balance_layout chooses for the ids (4 chunks per ring rank, so these short sequences have several).
 
     -> (cases checked, forward block calls per pattern of `ring_config` with zigzag causal)."""
     patterns = ("packed", "single", "tokens", "unsorted", None)
-    cases = itertools.product(configs.items(), ("zigzag", "contiguous"), (True, False), patterns)
+    cases = itertools.product(configs.items(), ("zigzag", "contiguous", "balanced"), (True, False), patterns)
     count, block_calls = 0, {}
     for seed, ((config, groups), layout, causal, pattern) in enumerate(cases):
         q, k, v, dout = _full_inputs(torch.float64, seq, (4, 2), seed)
         docs = None if pattern is None else _document_ids(pattern, seq, seed)
+        if layout == "balanced":
+            ring_size = 1 if groups[0] is None else dist.get_world_size(groups[0])
+            ids = torch.zeros(2, seq, dtype=torch.int64) if docs is None else docs
+            layout = balance_layout(ids, ring_size, causal, chunks_per_rank=4)
         got, calls = _count_block_calls(
             _distributed, q, k, v, dout, causal, groups, layout, backend=backend, document_ids=docs
         )
@@ -231,8 +236,8 @@ def _skip_without_document_masks(backend):
 
 @pytest.mark.parametrize("backend", DOCUMENT_BACKENDS)
 @pytest.mark.parametrize(("world_size", "cases", "expected_count"), [
-    pytest.param(2, _two_rank_document_cases, 60, id="2ranks"),
-    pytest.param(4, _four_rank_document_cases, 60, id="4ranks"),
+    pytest.param(2, _two_rank_document_cases, 90, id="2ranks"),
+    pytest.param(4, _four_rank_document_cases, 90, id="4ranks"),
 ])
 def test_document_masks_match_masked_full_attention_and_skip_blocks(backend, world_size, cases, expected_count):
     _skip_without_document_masks(backend)

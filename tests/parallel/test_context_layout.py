@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from parallel.config import MIN_SEQ_LEN, sequence_granularity, sequence_multiple
 from parallel.context import (
+    ChunkLayout,
     attention,
     check_attention_inputs,
     check_sequence,
@@ -142,9 +143,13 @@ def _round_trips():
     }
     tokens = torch.arange(2 * 32).view(2, 32)
     features = torch.randn(32, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # Chunks dealt out of order, as a balanced layout may (keyed by ring size).
+    dealt = {1: ChunkLayout(((0,),)), 2: ChunkLayout(((1, 2, 5, 6), (0, 3, 4, 7))),
+             4: ChunkLayout(((0, 5), (1, 4), (2, 7), (3, 6)))}
     owned = {}
     for name, (ring_group, ulysses_group, local_len) in configs.items():
-        for layout in ("zigzag", "contiguous"):
+        ring_size = 1 if ring_group is None else dist.get_world_size(ring_group)
+        for layout in ("zigzag", "contiguous", dealt[ring_size]):
             groups = {"ring_group": ring_group, "ulysses_group": ulysses_group, "layout": layout}
             local_tokens = shard(tokens, 1, **groups)
             assert local_tokens.dtype == torch.int64 and local_tokens.shape == (2, local_len)
@@ -156,7 +161,7 @@ def _round_trips():
             assert torch.equal(full, features)
             (full * features).sum().backward()
             assert torch.equal(local.grad, shard(features, 0, **groups))
-            owned[f"{name} {layout}"] = local_tokens[0].tolist()
+            owned[f"{name} {'dealt' if isinstance(layout, ChunkLayout) else layout}"] = local_tokens[0].tolist()
     # Overlapping groups cannot be two axes of one mesh.
     with pytest.raises(ValueError, match="share ranks"):
         shard(tokens, 1, ring_group=world, ulysses_group=pairs[rank // 2])
@@ -178,3 +183,4 @@ def test_shard_gather_round_trip_on_four_ranks():
     assert owned[1]["ring4 zigzag"] == [4, 5, 6, 7, 24, 25, 26, 27]
     # Ring rank 1 of 2 holds chunks 1 and 2 of 4 (positions 8..23); Ulysses rank 1 its second half.
     assert owned[3]["hybrid zigzag"] == [16, 17, 18, 19, 20, 21, 22, 23]
+    assert owned[1]["ring4 dealt"] == [4, 5, 6, 7, 16, 17, 18, 19]
