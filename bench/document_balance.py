@@ -120,17 +120,17 @@ def main() -> None:
     table.add_column("documents", justify="left")
     table.add_column("docs, median len", justify="right")
     for ranks in args.ranks:
-        for name in layouts:
-            table.add_column(f"{name} P={ranks}", justify="right")
+        for label in layouts:
+            table.add_column(f"{label} P={ranks}", justify="right")
     for name, lengths in mixes.items():
         sequences = packed_work(lengths, args.seq_len)
         row = {"documents": int(lengths.size), "median_length": float(np.median(lengths)),
                "sequences": len(sequences), "imbalance": {}}
         cells = [name, f"{lengths.size:,}, {np.median(lengths):,.0f}"]
         for ranks in args.ranks:
-            for name, layout in layouts.items():
+            for label, layout in layouts.items():
                 result = imbalance(sequences, ranks, layout)
-                row["imbalance"][f"{name}/{ranks}"] = result
+                row["imbalance"][f"{label}/{ranks}"] = result
                 cells.append(f"{result['mean']:.3f} ({result['worst']:.2f})")
         results["mixes"][name] = row
         table.add_row(*cells)
