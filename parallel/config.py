@@ -13,6 +13,7 @@ BALANCED_CHUNKS_PER_RANK = 8
 # and the budget search choose are multiples of it (sequence_granularity), so each one is itself a valid length.
 MIN_SEQ_LEN = 8
 RECOMPUTE_MODES = ("none", "selective", "full")
+OFFLOAD_MODES = ("none", "cpu")
 QUANT_MODES = ("none", "int8")
 QUANT_KINDS = ("attention", "linear", "elementwise", "norm")
 
@@ -148,11 +149,13 @@ class RecomputeConfig:
       elementwise parts; "full" keeps only each block's input and reruns the whole block in backward.
     every: apply to every k-th block (block index % every == 0).
     first: only among the first n blocks; 0 means all blocks.
+    offload: "cpu" moves what the recomputing blocks keep to host memory until backward (parallel.offload).
     """
 
     mode: str = "none"
     every: int = 1
     first: int = 0
+    offload: str = "none"
 
     def selected(self, num_blocks: int) -> list[int]:
         """Indices of the blocks that recompute."""
@@ -168,6 +171,11 @@ class RecomputeConfig:
             raise ValueError(f"recompute.every={self.every}: use 1 for every block, or k for every k-th")
         if self.first < 0:
             raise ValueError(f"recompute.first={self.first}: use 0 for all blocks, or n for the first n")
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"recompute.offload={self.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}")
+        if self.offload != "none" and self.mode == "none":
+            raise ValueError(f"recompute.offload={self.offload}: it moves what recomputation keeps; set "
+                             "recompute.mode=selective or full")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The model describes itself once, `model.parallel_plan()` (parallel.plan), before anything is wrapped; every
 transform takes the plan's modules, and what one transform makes for a later one is handed over here
-(the per-block int8 quantizers that recomputation stores its kept tensors with).
+(the per-block host storages and int8 quantizers that recomputation keeps its tensors with).
 
 Fixed order (each later step wraps what the earlier ones produced):
   1. tensor + sequence parallelism over the "tp" axis (parallel.tensor_parallel): parameters become DTensors,
@@ -10,9 +10,11 @@ Fixed order (each later step wraps what the earlier ones produced):
   2. context-parallel attention: every block's attention's `attn_fn` becomes ring / Ulysses / hybrid attention
      over the mesh's groups (on the heads step 1 left to this rank);
   3. 8-bit stored activations: saved-tensor hooks around the parts of each block the policy names,
-     attention included (so it wraps the attention chosen in step 2);
+     attention included (so it wraps the attention chosen in step 2); with recompute.offload the recomputed
+     blocks' payloads go to their host storage (parallel.offload, made just before);
   4. recomputation: selected blocks checkpoint their forward (selective mode replays attention's output
-     instead of running it again, so it wraps the attention of steps 2 and 3);
+     instead of running it again, so it wraps the attention of steps 2 and 3), keeping what they keep in
+     their host storage with recompute.offload;
   5. sharded data parallelism (FSDP2) over the replica axis (dp x cp), gradients summed; last, so that it
      shards the DTensors of step 1 and its per-block (or per-unit, `cfg.fsdp_unit_params`) all-gathers
      surround the checkpointed forwards.
@@ -28,6 +30,7 @@ from torch import nn
 from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
 from parallel.data_parallel import shard_data_parallel
 from parallel.mesh import MeshInfo
+from parallel.offload import apply_offload
 from parallel.plan import ParallelPlan
 from parallel.quantize import apply_activation_quantization
 from parallel.recompute import apply_recompute
@@ -66,8 +69,9 @@ def parallelize(
         apply_tensor_parallel(model, plan, mesh.tp_mesh)
     if mesh.cp_size > 1:
         apply_context_parallel(model, plan, cfg, mesh)
-    quantizers = apply_activation_quantization(model, plan, quant, recompute)
-    apply_recompute(model, plan, recompute, quantizers)
+    storages = apply_offload(plan, recompute)
+    quantizers = apply_activation_quantization(model, plan, quant, recompute, storages)
+    apply_recompute(model, plan, recompute, quantizers, storages)
     if mesh.replica_size > 1:
         shard_data_parallel(model, plan.block_modules(), mesh.replica_mesh, cfg.fsdp_unit_params)
     return model

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
 from parallel._compat import AsyncCollectiveTensor
 from parallel.config import QuantConfig, RecomputeConfig
+from parallel.offload import BlockStorage
 from parallel.plan import BlockPlan, ParallelPlan
 from parallel.transforms import mark_applied
 
@@ -114,9 +115,10 @@ class _Site:
 class BlockQuantizer:
     """The quantization state of one block: sites, the step counter for seeds, the per-forward share cache."""
 
-    def __init__(self, cfg: QuantConfig, block_index: int):
+    def __init__(self, cfg: QuantConfig, block_index: int, storage: BlockStorage | None = None):
         self.cfg = cfg
         self.block_index = block_index
+        self.storage = storage  # where the block's payloads go until backward (host memory), or None: kept here
         self.sites: dict[tuple[str, int], _Site] = {}
         self.calls = 0
         self._shared: dict[tuple, tuple[weakref.ref, _Packed]] = {}
@@ -126,6 +128,11 @@ class BlockQuantizer:
         self.calls += 1
         self._shared.clear()
         self._order.clear()
+
+    def end_forward(self) -> None:
+        """The share cache serves one forward; past it, it would only keep payloads alive that backward no longer
+        holds (or holds on the host)."""
+        self._shared.clear()
 
     @staticmethod
     def _region(t: Tensor) -> tuple:
@@ -201,18 +208,32 @@ class BlockQuantizer:
             return t
         return self.pack(t, "attention", lambda _: True)
 
-    def kept_input_scope(self) -> contextlib.AbstractContextManager:
-        """Around a checkpoint call: the block input it keeps for the recompute is stored int8 (kind "norm")."""
+    @contextlib.contextmanager
+    def kept_input_scope(self) -> Iterator[None]:
+        """Around a checkpoint call: the block input it keeps for the recompute is stored int8 (kind "norm").
+        A block under full recomputation runs no other hooks, so this is its forward for the step's seeds."""
         if "norm" not in self.cfg.kinds:
-            return contextlib.nullcontext()
-        return self.scope("block_input", _activation)
+            yield
+            return
+        self.begin_forward()
+        try:
+            with self.scope("block_input", _activation):
+                yield
+        finally:
+            self.end_forward()
 
     @contextlib.contextmanager
     def scope(self, name: str, wanted: Callable[[Tensor], bool] = lambda t: True) -> Iterator[None]:
-        def unpack(saved: Any) -> Tensor:
-            return saved.unpack() if isinstance(saved, (_SavedView, _SavedDTensor)) else saved
+        def pack(t: Tensor) -> Any:
+            packed = self.pack(t, name, wanted)
+            if self.storage is None or _is_weight(t):
+                return packed
+            return self.storage.store(packed)
 
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, name, wanted), unpack):
+        def unpack(saved: Any) -> Tensor:
+            return saved.unpack() if hasattr(saved, "unpack") else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 
 
@@ -286,18 +307,21 @@ def _wrap_forward(module: nn.Module, run: Callable[[Callable, tuple, dict], Tens
 
 
 def apply_activation_quantization(
-    model: nn.Module, plan: ParallelPlan, cfg: QuantConfig, recompute: RecomputeConfig
+    model: nn.Module, plan: ParallelPlan, cfg: QuantConfig, recompute: RecomputeConfig,
+    storages: Mapping[int, BlockStorage] | None = None,
 ) -> dict[int, BlockQuantizer]:
     """Store the selected kinds of saved activations of every block of `plan` in int8, in place.
 
     Returns each block's quantizer by block index (none when int8 is off): recomputation (parallel.recompute)
-    stores what its checkpoints keep with them. `recompute` says which blocks it will checkpoint, and how."""
+    stores what its checkpoints keep with them. `recompute` says which blocks it will checkpoint, and how;
+    `storages` (parallel.offload, by block index) where a recomputed block's payloads are kept until backward."""
     if cfg.activations == "none":
         return {}
     mark_applied(model, "activation quantization")
     kinds = set(cfg.kinds)
     recomputed = set(recompute.selected(len(plan.blocks)))
-    quantizers = {index: BlockQuantizer(cfg, index) for index in range(len(plan.blocks))}
+    storages = storages or {}
+    quantizers = {index: BlockQuantizer(cfg, index, storages.get(index)) for index in range(len(plan.blocks))}
     for index, block in enumerate(plan.blocks):
         quantizer = quantizers[index]
         if index in recomputed and recompute.mode == "full":
@@ -305,7 +329,10 @@ def apply_activation_quantization(
 
         def block_forward(inner, args, kwargs, quantizer=quantizer):
             quantizer.begin_forward()
-            return inner(*args, **kwargs)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                quantizer.end_forward()
 
         _wrap_forward(block.block, block_forward)
         if "attention" in kinds:

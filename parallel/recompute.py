@@ -19,6 +19,8 @@ With 8-bit stored activations on, the kept outputs and the block's kept input (s
 int8 (parallel.quantize) like attention's.
 Attention runs inside the checkpointed region but outside its bookkeeping: saved-tensor hooks restored to
 plain saving, no caching, and its output remembered for the replay.
+With recompute.offload=cpu everything a block keeps this way (its inputs, the cache, attention's tensors and
+replayed output, int8 or not) goes to the block's host storage (parallel.offload) instead.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from parallel._compat import TorchDispatchMode, in_backward
 from parallel.config import RecomputeConfig
+from parallel.offload import BlockStorage
 from parallel.plan import BlockPlan, ParallelPlan
 from parallel.quantize import BlockQuantizer
 from parallel.transforms import mark_applied
@@ -49,9 +52,11 @@ class _ReplayedAttention:
     """Wraps a block's attn_fn: runs it normally in forward and hands back the same output when the
     checkpoint recomputes the block during backward (detected by running inside the autograd engine)."""
 
-    def __init__(self, attn_fn: Callable[..., Tensor], pack: Callable[[Tensor], Any]):
+    def __init__(self, attn_fn: Callable[..., Tensor], pack: Callable[[Tensor], Any],
+                 saving: Callable[[], contextlib.AbstractContextManager]):
         self.attn_fn = attn_fn
         self.pack = pack  # how the output is kept until the replay: itself, or the int8 copy attention saved
+        self.saving = saving  # how attention's own tensors are saved: plainly, or moved to host memory
         self.outputs: deque[Any] = deque()
         self.running = False  # the selective cache leaves ops inside attention alone
         self.preparing_inputs = False  # between the attention module's start and attn_fn: q/k/v projections
@@ -64,8 +69,8 @@ class _ReplayedAttention:
             return _unpacked(self.outputs.popleft()).requires_grad_()
         self.running = True
         try:
-            # Plain saving for attention's own tensors: they live until backward, not recomputed.
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            # Attention's own tensors live until backward, not recomputed: out of the checkpoint's bookkeeping.
+            with self.saving():
                 out = self.attn_fn(*args, **kwargs)
         finally:
             self.running = False
@@ -168,8 +173,26 @@ class _ModuleFlag:
         module.register_forward_hook(lambda *_: setattr(self, "active", False), always_call=True)
 
 
-def _checkpointed(block: nn.Module, context_fn: Callable | None,
-                  quantizer: BlockQuantizer | None) -> Callable[..., Tensor]:
+def _plain_saving() -> contextlib.AbstractContextManager:
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
+def _kept(pack: Callable[[Tensor], Any] | None, storage: BlockStorage | None) -> Callable[[Tensor], Any]:
+    """How a block keeps a tensor for its recompute: packed (int8) or not, then moved to host memory or not."""
+    pack = pack or (lambda t: t)
+    return pack if storage is None else (lambda t: storage.store(pack(t)))
+
+
+def _kept_input_scope(quantizer: BlockQuantizer | None,
+                      storage: BlockStorage | None) -> contextlib.AbstractContextManager:
+    """Around a checkpoint call: the hooks that store the inputs it keeps (int8 and/or on the host)."""
+    if quantizer is not None and "norm" in quantizer.cfg.kinds:
+        return quantizer.kept_input_scope()  # its payloads go to the block's storage (parallel.quantize)
+    return storage.hooks() if storage is not None else contextlib.nullcontext()
+
+
+def _checkpointed(block: nn.Module, context_fn: Callable | None, quantizer: BlockQuantizer | None,
+                  storage: BlockStorage | None) -> Callable[..., Tensor]:
     forward = block.forward
 
     @functools.wraps(forward)
@@ -178,16 +201,18 @@ def _checkpointed(block: nn.Module, context_fn: Callable | None,
             return forward(*args, **kwargs)
         options = {"context_fn": context_fn} if context_fn is not None else {}
         # The checkpoint saves its tensor inputs under the hooks active around it, before its own.
-        with quantizer.kept_input_scope() if quantizer is not None else contextlib.nullcontext():
+        with _kept_input_scope(quantizer, storage):
             return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
 
     return run
 
 
-def _selective_context_fn(block: BlockPlan, quantizer: BlockQuantizer | None) -> Callable:
-    keep = (lambda t: t) if quantizer is None else quantizer.pack_recompute_input
-    attention = _ReplayedAttention(block.attention.attn_fn,
-                                   (lambda t: t) if quantizer is None else quantizer.pack_replayed_output)
+def _selective_context_fn(block: BlockPlan, quantizer: BlockQuantizer | None,
+                          storage: BlockStorage | None) -> Callable:
+    keep = _kept(quantizer and quantizer.pack_recompute_input, storage)
+    attention = _ReplayedAttention(block.attention.attn_fn, _kept(quantizer and quantizer.pack_replayed_output,
+                                                                  storage),
+                                   storage.hooks if storage is not None else _plain_saving)
     block.attention.attn_fn = attention
     if not block.projections_read_in_backward:
         block.attention.register_forward_pre_hook(lambda *_: setattr(attention, "preparing_inputs", True))
@@ -196,14 +221,16 @@ def _selective_context_fn(block: BlockPlan, quantizer: BlockQuantizer | None) ->
 
 
 def apply_recompute(model: nn.Module, plan: ParallelPlan, cfg: RecomputeConfig,
-                    quantizers: Mapping[int, BlockQuantizer] | None = None) -> None:
-    """Make the selected blocks of `plan` recompute in backward, in place. `quantizers` (by block index, from
-    parallel.quantize.apply_activation_quantization): what stores the kept tensors in int8; none: kept as is."""
+                    quantizers: Mapping[int, BlockQuantizer] | None = None,
+                    storages: Mapping[int, BlockStorage] | None = None) -> None:
+    """Make the selected blocks of `plan` recompute in backward, in place. By block index: `quantizers` (from
+    parallel.quantize.apply_activation_quantization) store the kept tensors in int8, `storages` (from
+    parallel.offload.apply_offload) keep them in host memory; none: kept as they are, where they are."""
     if cfg.mode == "none":
         return
     mark_applied(model, "recomputation")
-    quantizers = quantizers or {}
+    quantizers, storages = quantizers or {}, storages or {}
     for index in cfg.selected(len(plan.blocks)):
-        block, quantizer = plan.blocks[index], quantizers.get(index)
-        context_fn = _selective_context_fn(block, quantizer) if cfg.mode == "selective" else None
-        block.block.forward = _checkpointed(block.block, context_fn, quantizer)
+        block, quantizer, storage = plan.blocks[index], quantizers.get(index), storages.get(index)
+        context_fn = _selective_context_fn(block, quantizer, storage) if cfg.mode == "selective" else None
+        block.block.forward = _checkpointed(block.block, context_fn, quantizer, storage)

@@ -19,17 +19,23 @@ LABELS = {"params": "params", "gathered_params": "gathered params", "grads": "gr
 
 
 def rank_table(ranks: list[dict[str, Any]], title: str) -> Table:
-    """One row per rank: the peak, its breakdown, and the allocator's own peak when measured."""
+    """One row per rank: the device peak, its breakdown, the host memory of offloaded activations when there are
+    any, and the allocator's own peak when measured."""
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("peak", justify="right", style="bold")
     for category in CATEGORIES:
         table.add_column(LABELS[category], justify="right")
+    offloaded = any(r.get("host_peak_bytes") for r in ranks)
+    if offloaded:
+        table.add_column("host (offloaded) peak", justify="right")
     measured = any("allocator_peak_bytes" in r for r in ranks)
     if measured:
         table.add_column("allocator peak", justify="right")
     for r in ranks:
         row = [str(r["rank"]), format_bytes(r["peak_bytes"]), *(format_bytes(r[c]) for c in CATEGORIES)]
+        if offloaded:
+            row.append(format_bytes(r["host_peak_bytes"]))
         if measured:
             row.append(format_bytes(r["allocator_peak_bytes"]))
         table.add_row(*row)

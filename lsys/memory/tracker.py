@@ -19,6 +19,11 @@ tracker works on real tensors (the profiler) and on fake ones, which own no memo
   (autograd, a checkpoint's inputs, a selective-recompute cache, int8 payloads), by layer;
 - temporaries: everything else (workspaces, communication buffers, recomputed activations, unsharded gradients).
 
+Host copies of offloaded activations (recompute.offload, parallel.offload) are made under
+`parallel.offload.host_allocations()` and counted apart, as host memory (`host_peak_bytes`, timeline "offloaded"):
+the peak and its breakdown are the device's. On CPU the host is the same memory, but a run on GPUs would hold
+them in host memory, which is what the planner is asked about.
+
 Operators on DTensors are left to DTensor (this mode declines them), so the local operators it runs, and their
 buffers, are seen too. DTensor works out each new operator's output sharding by running it on fake tensors of the
 global shape; those hold no memory, and when planning they are tensors of the planner's own fake mode, so
@@ -52,8 +57,10 @@ from parallel._compat import (
     tree_leaves,
 )
 from parallel.activations import OUTSIDE, split_path
+from parallel.offload import host_allocations_active
 
-CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
+CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")  # device memory
+HOST = "offloaded"  # host copies of offloaded activations
 TIMELINE_POINTS = 600
 
 
@@ -80,9 +87,11 @@ class MemoryUsage:
     peak_phase: str
     timeline: dict[str, list[int]] = field(default_factory=dict)  # "clock" and one series per category
     phases: list[dict] = field(default_factory=list)  # {"step", "phase", "start", "end"} on the same clock
+    host_peak_bytes: int = 0  # the most offloaded activations held in host memory at once
 
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "start_bytes": self.start_bytes, **self.breakdown,
+                "host_peak_bytes": self.host_peak_bytes,
                 "activations_by_layer": self.activations_by_layer,
                 "stored_activations_bytes": self.stored_activations_bytes,
                 "peak_at": {"step": self.peak_step, "phase": self.peak_phase},
@@ -114,6 +123,8 @@ class MemoryTracker(TorchDispatchMode):
         return self._clock
 
     def _open(self, storage: torch.UntypedStorage, category: str | None) -> _Record:
+        if category is None and host_allocations_active():
+            category = HOST
         with self._lock:
             record = _Record(storage.nbytes(), self._tick(), self._phase,
                              self._modules[-1] if self._modules else OUTSIDE, category)
@@ -296,7 +307,7 @@ class MemoryTracker(TorchDispatchMode):
     def usage(self) -> MemoryUsage:
         """Peak, breakdown and timeline of everything recorded while the tracker was entered."""
         end = self._end_clock
-        deltas = {c: np.zeros(end + 2, dtype=np.int64) for c in CATEGORIES}
+        deltas = {c: np.zeros(end + 2, dtype=np.int64) for c in (*CATEGORIES, HOST)}
         records = list(self._records)
         for record in records:
             series = deltas[record.category or "temporaries"]
@@ -304,6 +315,7 @@ class MemoryTracker(TorchDispatchMode):
             if record.end is not None and record.end <= end:  # else still held when tracking stopped
                 series[record.end] -= record.nbytes
         levels = {c: np.cumsum(d) for c, d in deltas.items()}
+        host = levels.pop(HOST)
         total = sum(levels.values())
         at = int(np.argmax(total))
         by_layer: dict[str, int] = {}
@@ -326,8 +338,10 @@ class MemoryTracker(TorchDispatchMode):
             stored_activations_bytes=self._stored_max,
             peak_step=where["step"],
             peak_phase=where["phase"],
-            timeline={"clock": clock.tolist(), **{c: levels[c][clock].tolist() for c in CATEGORIES}},
+            timeline={"clock": clock.tolist(), **{c: levels[c][clock].tolist() for c in CATEGORIES},
+                      HOST: host[clock].tolist()},
             phases=self._phases,
+            host_peak_bytes=int(host.max()),
         )
 
 

@@ -93,6 +93,31 @@ def test_int8_activations_keep_the_forward_exact_and_gradients_close(tmp_path, o
     assert ((got - want).norm() / want.norm()).item() < 5e-2
 
 
+OFFLOAD = ("recompute.offload=cpu",)
+
+
+def test_offloaded_activations_train_exactly_like_one_rank(tmp_path, one_rank):
+    """What recomputation keeps goes to host memory and comes back (recompute.offload): nothing changes."""
+    two = [("parallel.cp_ring=2", "recompute.mode=full"), ("parallel.cp_ulysses=2", "recompute.mode=selective"),
+           ("parallel.tp=2", "recompute.mode=selective"), ("parallel.dp=2", "recompute.mode=full")]
+    int8 = ("parallel.cp_ring=2", "recompute.mode=selective", "quant.activations=int8")
+    configs = [tiny_config(tmp_path / "-".join(o), *o, *OFFLOAD) for o in two]
+    configs += [tiny_config(tmp_path / "int8", *int8), tiny_config(tmp_path / "int8-offload", *int8, *OFFLOAD)]
+    for *exact, quantized, quantized_offloaded in run_ranks(_each_config, 2, configs):
+        for result in exact:
+            assert_same_training(result, one_rank)
+        # int8 payloads move as they are: the same rounding, the same training, offloaded or not.
+        assert quantized_offloaded["losses"] == quantized["losses"]
+        for got, want in zip(quantized_offloaded["grads"], quantized["grads"], strict=True):
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    four = [("parallel.cp_ring=2", "parallel.cp_ulysses=2", "recompute.mode=selective"),
+            ("parallel.dp=2", "parallel.tp=2", "recompute.mode=full", "recompute.every=2")]
+    configs = [tiny_config(tmp_path / "-".join(o), *o, *OFFLOAD) for o in four]
+    for per_rank in run_ranks(_each_config, 4, configs):
+        for result in per_rank:
+            assert_same_training(result, one_rank)
+
+
 def test_micro_batches_accumulate_to_the_full_batch(tmp_path, one_rank):
     result = run_ranks(losses_and_grads, 1, tiny_config(tmp_path, "train.micro_batch_size=1"))[0]
     assert_same_training(result, one_rank)

@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp2-selective-bf16": (2, ["parallel.tp=2", "recompute.mode=selective", "train.compute_dtype=bfloat16"]),
     "dp2-ring2-fsdp": (4, ["parallel.cp_ring=2"]),
     "ulysses2-tp2-full": (4, ["parallel.cp_ulysses=2", "parallel.tp=2", "recompute.mode=full"]),
+    "ring2-selective-offload": (2, ["parallel.cp_ring=2", "recompute.mode=selective", "recompute.offload=cpu"]),
 }
 
 
@@ -82,6 +83,20 @@ def test_planner_predicts_what_every_rank_measures(layout, tmp_path):
         error = abs(planned["peak_bytes"] - rank["peak_bytes"]) / rank["peak_bytes"]
         assert error < 0.05, f"rank {rank['rank']}: planned {planned['peak_bytes']}, measured {rank['peak_bytes']}"
         assert rank["params"] == planned["params"] and rank["optimizer"] == planned["optimizer"]
+        host_error = abs(planned["host_peak_bytes"] - rank["host_peak_bytes"]) / max(rank["host_peak_bytes"], 1)
+        assert host_error < 0.05, f"rank {rank['rank']}: host {planned['host_peak_bytes']} planned, " \
+                                  f"{rank['host_peak_bytes']} measured"
+
+
+def test_offloaded_activations_are_counted_as_host_memory():
+    full = spawn(_planned_peak, 1, (to_dict(_config(["recompute.mode=full"])), 1))[0]
+    offloaded = spawn(_planned_peak, 1, (to_dict(_config(["recompute.mode=full", "recompute.offload=cpu"])), 1))[0]
+    assert full["host_peak_bytes"] == 0
+    # The block inputs (and the RoPE tables, once) are on the host; the device keeps nothing of them.
+    assert offloaded["activations"] <= 0.05 * full["activations"], (offloaded["activations"], full["activations"])
+    moved = full["stored_activations_bytes"] - offloaded["stored_activations_bytes"]
+    assert moved > 0 and offloaded["host_peak_bytes"] == moved
+    assert offloaded["params"] == full["params"] and offloaded["optimizer"] == full["optimizer"]
 
 
 def test_planned_offload_keeps_only_the_local_part_of_the_optimizer_state():
