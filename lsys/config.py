@@ -13,12 +13,18 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.config import MIN_SEQ_LEN, ParallelConfig, QuantConfig, RecomputeConfig, check_model_split
+from parallel.config import (
+    MIN_SEQ_LEN,
+    OFFLOAD_MODES,
+    ParallelConfig,
+    QuantConfig,
+    RecomputeConfig,
+    check_model_split,
+)
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("passkey", "mqar", "text")
-OFFLOAD_MODES = ("none", "cpu")
 OFFLOAD_PLACEMENTS = ("same_node", "resource", "label")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 NONFINITE_POLICIES = ("stop", "skip")

@@ -101,7 +101,9 @@ class Trainer:
         with torch.device("meta"):
             self.model = Transformer(self.model_cfg).to(torch_dtype(cfg.train.param_dtype))
         parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
-        materialize(self.model, self.device, seed=cfg.train.seed, pretrained=self.model_cfg.pretrained)
+        # With parallel.fsdp_offload the shards live in host memory; FSDP2 copies each unit in when it computes.
+        state_device = torch.device("cpu") if cfg.parallel.fsdp_offload != "none" else self.device
+        materialize(self.model, state_device, seed=cfg.train.seed, pretrained=self.model_cfg.pretrained)
         self.optimizer = build_optimizer(cfg, self.model, optimizer_store)
         self.work = StepWork(cfg, self.model, self.optimizer, self.device, self.task.document_masks)
         local_batch = cfg.train.global_batch_size // self.mesh.dp_size

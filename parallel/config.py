@@ -31,6 +31,8 @@ class ParallelConfig:
       this many, and blocks left below it stay with the root (gathered for the whole step). 0: every block is its
       own unit. Each unit costs an all-gather in forward and in backward and a reduce-scatter, whatever its size,
       so a small model on CPU ranks trains faster with fewer units; a large one needs per-block units for memory.
+    fsdp_offload: "cpu" keeps parameter and gradient shards in host memory, where the optimizer steps (FSDP2's
+      CPUOffloadPolicy; applied on one rank too): a device then holds only the units it is computing with.
     """
 
     dp: int = -1
@@ -39,6 +41,7 @@ class ParallelConfig:
     tp: int = 1
     cp_layout: str = "zigzag"
     fsdp_unit_params: int = 0
+    fsdp_offload: str = "none"
 
     @property
     def cp(self) -> int:
@@ -81,6 +84,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp={self.dp}: use a positive degree, or -1 to fill the world size")
         if self.cp_layout not in CP_LAYOUTS:
             raise ValueError(f"parallel.cp_layout={self.cp_layout!r}: choose one of {', '.join(CP_LAYOUTS)}")
+        if self.fsdp_offload not in OFFLOAD_MODES:
+            raise ValueError(f"parallel.fsdp_offload={self.fsdp_offload!r}: choose one of "
+                             f"{', '.join(OFFLOAD_MODES)}")
         if self.fsdp_unit_params < 0:
             raise ValueError(f"parallel.fsdp_unit_params={self.fsdp_unit_params}: use 0 for one FSDP2 unit per "
                              "block, or the fewest parameters a unit of consecutive blocks holds")

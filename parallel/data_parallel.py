@@ -21,9 +21,10 @@ import logging
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from parallel.transforms import mark_applied
 
@@ -42,9 +43,12 @@ def block_units(blocks: list[nn.Module], min_unit_params: int) -> list[list[nn.M
 
 
 def shard_data_parallel(model: nn.Module, blocks: list[nn.Module], replica_mesh: DeviceMesh,
-                        min_unit_params: int = 0) -> None:
-    """Shard `model` (units of its `blocks`, then the root) over `replica_mesh`, in place (see `block_units`)."""
+                        min_unit_params: int = 0, offload: str = "none") -> None:
+    """Shard `model` (units of its `blocks`, then the root) over `replica_mesh`, in place (see `block_units`).
+    `offload` "cpu": the shards and their gradients stay in host memory (pinned on CUDA); each unit's parameters
+    are copied to the device for its forward and backward, and its gradients back after the reduce-scatter."""
     mark_applied(model, "data parallelism")
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload == "cpu" else OffloadPolicy()
     # The root returns the logits, a view when tensor parallelism hands back its local shard; FSDP2 warns in
     # case the caller modifies it in place, which the trainer never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -52,8 +56,8 @@ def shard_data_parallel(model: nn.Module, blocks: list[nn.Module], replica_mesh:
     # each; DTensor logs that as a performance hint on every rank at every step.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     for unit in block_units(blocks, min_unit_params):
-        fully_shard(unit if len(unit) > 1 else unit[0], mesh=replica_mesh)
-    fully_shard(model, mesh=replica_mesh)
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=replica_mesh, offload_policy=policy)
+    fully_shard(model, mesh=replica_mesh, offload_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -72,6 +72,6 @@ def parallelize(
     storages = apply_offload(plan, recompute)
     quantizers = apply_activation_quantization(model, plan, quant, recompute, storages)
     apply_recompute(model, plan, recompute, quantizers, storages)
-    if mesh.replica_size > 1:
-        shard_data_parallel(model, plan.block_modules(), mesh.replica_mesh, cfg.fsdp_unit_params)
+    if mesh.replica_size > 1 or cfg.fsdp_offload != "none":  # offloading the state needs FSDP2 on one rank too
+        shard_data_parallel(model, plan.block_modules(), mesh.replica_mesh, cfg.fsdp_unit_params, cfg.fsdp_offload)
     return model

@@ -49,7 +49,7 @@ def profile_rank(values: dict[str, Any], steps: int, out_dir: str) -> dict[str, 
     with distributed_session(cfg.train.device, cfg.train.collective_timeout_s) as session:
         validate_for_world(cfg, session.world_size)
         trainer = Trainer(cfg, session)
-        tracker = MemoryTracker(trainer.model, trainer.optimizer)
+        tracker = MemoryTracker(trainer.model, trainer.optimizer, host_state=cfg.parallel.fsdp_offload != "none")
         trainer.work.probe = tracker
         found: dict[str, Any] = {}
         snapshot = Path(out_dir, f"memory_snapshot_rank{session.rank}.pickle")

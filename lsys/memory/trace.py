@@ -137,7 +137,8 @@ def trace_rank(cfg: LsysConfig, world_size: int) -> MemoryUsage:
             store = PlannedStore() if cfg.optim.offload != "none" else None
             work = StepWork(cfg, model, build_optimizer(cfg, model, store), CPU)
             _initialise_optimizer(work)
-            tracker = MemoryTracker(model, work.optimizer, fake_mode=fake)
+            tracker = MemoryTracker(model, work.optimizer, fake_mode=fake,
+                                    host_state=cfg.parallel.fsdp_offload != "none")
             work.probe = tracker
             with tracker:
                 _step(work, cfg, mesh)

@@ -19,10 +19,12 @@ tracker works on real tensors (the profiler) and on fake ones, which own no memo
   (autograd, a checkpoint's inputs, a selective-recompute cache, int8 payloads), by layer;
 - temporaries: everything else (workspaces, communication buffers, recomputed activations, unsharded gradients).
 
-Host copies of offloaded activations (recompute.offload, parallel.offload) are made under
-`parallel.offload.host_allocations()` and counted apart, as host memory (`host_peak_bytes`, timeline "offloaded"):
-the peak and its breakdown are the device's. On CPU the host is the same memory, but a run on GPUs would hold
-them in host memory, which is what the planner is asked about.
+Host memory is counted apart (`host_peak_bytes`): host copies of offloaded activations (recompute.offload,
+parallel.offload), made under `parallel.offload.host_allocations()` (timeline "offloaded"), and with
+`host_state` (parallel.fsdp_offload: FSDP2 keeps parameter and gradient shards on the host, where the optimizer
+steps) the params, grads and optimizer categories. `peak_bytes` is the device's; the breakdown gives every
+category at that moment, host ones included, and `host_categories` names the host ones. On CPU the host is the
+same memory, but a run on GPUs would hold them in host memory, which is what the planner is asked about.
 
 Operators on DTensors are left to DTensor (this mode declines them), so the local operators it runs, and their
 buffers, are seen too. DTensor works out each new operator's output sharding by running it on fake tensors of the
@@ -61,6 +63,7 @@ from parallel.offload import host_allocations_active
 
 CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")  # device memory
 HOST = "offloaded"  # host copies of offloaded activations
+HOST_STATE = ("params", "grads", "optimizer")  # on the host too when FSDP2 offloads the state
 TIMELINE_POINTS = 600
 
 
@@ -78,20 +81,21 @@ class _Record:
 class MemoryUsage:
     """One rank's tracked memory: the peak and its breakdown, and the timeline of every category."""
 
-    peak_bytes: int
+    peak_bytes: int  # device memory
     start_bytes: int  # held when tracking began (the state carried from step to step)
-    breakdown: dict[str, int]  # category -> bytes at the peak (sums to peak_bytes)
+    breakdown: dict[str, int]  # category -> bytes at the peak (the device categories sum to peak_bytes)
     activations_by_layer: dict[str, int]  # at the peak
     stored_activations_bytes: int  # the most any forward left alive for its backward
     peak_step: int
     peak_phase: str
     timeline: dict[str, list[int]] = field(default_factory=dict)  # "clock" and one series per category
     phases: list[dict] = field(default_factory=list)  # {"step", "phase", "start", "end"} on the same clock
-    host_peak_bytes: int = 0  # the most offloaded activations held in host memory at once
+    host_peak_bytes: int = 0  # the most held in host memory at once (offloaded activations, host categories)
+    host_categories: tuple[str, ...] = ()  # categories held in host memory
 
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "start_bytes": self.start_bytes, **self.breakdown,
-                "host_peak_bytes": self.host_peak_bytes,
+                "host_peak_bytes": self.host_peak_bytes, "host_categories": list(self.host_categories),
                 "activations_by_layer": self.activations_by_layer,
                 "stored_activations_bytes": self.stored_activations_bytes,
                 "peak_at": {"step": self.peak_step, "phase": self.peak_phase},
@@ -99,10 +103,13 @@ class MemoryUsage:
 
 
 class MemoryTracker(TorchDispatchMode):
-    def __init__(self, model: nn.Module, optimizer: TrainingOptimizer, fake_mode: FakeTensorMode | None = None):
-        """`fake_mode`: the mode whose fake tensors stand for memory (planning); None on real tensors."""
+    def __init__(self, model: nn.Module, optimizer: TrainingOptimizer, fake_mode: FakeTensorMode | None = None,
+                 host_state: bool = False):
+        """`fake_mode`: the mode whose fake tensors stand for memory (planning); None on real tensors.
+        `host_state`: parameters, gradients and optimizer state live in host memory (parallel.fsdp_offload)."""
         super().__init__()
         self.model, self.optimizer, self.fake_mode = model, optimizer, fake_mode
+        self.host_categories = HOST_STATE if host_state else ()
         self._records: list[_Record] = []
         self._live: dict[int, _Record] = {}  # id(storage) -> record; a storage's Python object lives as long as it
         self._clock = 0
@@ -315,8 +322,8 @@ class MemoryTracker(TorchDispatchMode):
             if record.end is not None and record.end <= end:  # else still held when tracking stopped
                 series[record.end] -= record.nbytes
         levels = {c: np.cumsum(d) for c, d in deltas.items()}
-        host = levels.pop(HOST)
-        total = sum(levels.values())
+        host = levels.pop(HOST) + sum(levels[c] for c in self.host_categories)
+        total = sum(level for c, level in levels.items() if c not in self.host_categories)
         at = int(np.argmax(total))
         by_layer: dict[str, int] = {}
         for record in records:
@@ -342,6 +349,7 @@ class MemoryTracker(TorchDispatchMode):
                       HOST: host[clock].tolist()},
             phases=self._phases,
             host_peak_bytes=int(host.max()),
+            host_categories=self.host_categories,
         )
 
 

@@ -118,6 +118,15 @@ def test_offloaded_activations_train_exactly_like_one_rank(tmp_path, one_rank):
             assert_same_training(result, one_rank)
 
 
+def test_state_offloaded_to_the_host_trains_exactly_like_one_rank(tmp_path, one_rank):
+    """parallel.fsdp_offload: parameters and gradients in host memory (FSDP2 applied on one rank too)."""
+    one = run_ranks(_each_config, 1, [tiny_config(tmp_path / "one", "parallel.fsdp_offload=cpu")])[0]
+    two = [("parallel.dp=2",), ("parallel.cp_ring=2", "recompute.mode=full", *OFFLOAD)]
+    configs = [tiny_config(tmp_path / "-".join(o), *o, "parallel.fsdp_offload=cpu") for o in two]
+    for result in one + [r for per_rank in run_ranks(_each_config, 2, configs) for r in per_rank]:
+        assert_same_training(result, one_rank)
+
+
 def test_micro_batches_accumulate_to_the_full_batch(tmp_path, one_rank):
     result = run_ranks(losses_and_grads, 1, tiny_config(tmp_path, "train.micro_batch_size=1"))[0]
     assert_same_training(result, one_rank)

@@ -118,3 +118,16 @@ def test_chunked_loss_leaves_the_vocabulary_out_of_the_stored_activations():
     log_probs = 4 * (cfg.train.global_batch_size // 2) * (cfg.data.seq_len // 2) * vocabulary_size(cfg)  # fp32
     assert whole["stored_activations_bytes"] - chunked["stored_activations_bytes"] >= 0.9 * log_probs
     assert chunked["peak_bytes"] <= whole["peak_bytes"]
+
+
+def test_state_offloaded_by_fsdp_is_counted_as_host_memory():
+    local = spawn(_planned_peak, 1, (to_dict(_config([])), 1))[0]
+    offloaded = spawn(_planned_peak, 1, (to_dict(_config(["parallel.fsdp_offload=cpu"])), 1))[0]
+    state = local["params"] + local["optimizer"]
+    assert offloaded["host_categories"] == ["params", "grads", "optimizer"]
+    assert state <= offloaded["host_peak_bytes"] <= state + local["params"]  # plus the gradients, one copy
+    # The device holds the parameters only while computing with them (gathered), no gradient or optimizer state.
+    assert offloaded["peak_bytes"] < local["peak_bytes"]
+    device = [c for c in ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
+              if c not in offloaded["host_categories"]]
+    assert sum(offloaded[c] for c in device) == offloaded["peak_bytes"]
