@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.attention import attention as local_attention
 from lsys.config import ModelConfig, ffn_hidden_size, head_dim
 from lsys.rope import apply_rope, inverse_frequencies, rope_tables
+from lsys.tiling import sequence_tiled
 from parallel.plan import BlockPlan, ParallelPlan, Split, TensorSplit
 
 AttnFn = Callable[..., Tensor]
@@ -72,11 +73,16 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
+        self.chunk_tokens = cfg.mlp_chunk_tokens
         self.w_gate = nn.Linear(cfg.hidden_size, hidden, bias=False)
         self.w_up = nn.Linear(cfg.hidden_size, hidden, bias=False)
         self.w_down = nn.Linear(hidden, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        # x: [B, S, hidden] -> [B, S, hidden]; tiled: [B, chunk, ffn_hidden] intermediates one chunk at a time
+        return sequence_tiled(self._swiglu, x, self.chunk_tokens, [p for p in self.parameters() if p.requires_grad])
+
+    def _swiglu(self, x: Tensor) -> Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -96,6 +102,9 @@ class Block(nn.Module):
     def parallel_plan(self) -> BlockPlan:
         colwise, rowwise = TensorSplit(Split.COLWISE), TensorSplit(Split.ROWWISE)
         sequence = TensorSplit(Split.SEQUENCE)
+        # A tiled feed-forward runs its down projection a chunk at a time: a reduce-scatter of each chunk would
+        # deal every rank a slice of every chunk, so its partial sums are reduce-scattered once, on the way out.
+        tiled = self.ffn.chunk_tokens > 0
         # Column-parallel q/k/v split whole query and KV heads, so grouped-query attention stays local.
         splits = {
             "attn_norm": sequence,
@@ -103,8 +112,9 @@ class Block(nn.Module):
             "attn": TensorSplit(Split.GATHER_INPUT, inputs=4),
             "attn.wq": colwise, "attn.wk": colwise, "attn.wv": colwise, "attn.wo": rowwise,
             "ffn_norm": sequence,
-            "ffn": TensorSplit(Split.GATHER_INPUT),
-            "ffn.w_gate": colwise, "ffn.w_up": colwise, "ffn.w_down": rowwise,
+            "ffn": TensorSplit(Split.GATHER_INPUT, reduce_output=tiled),
+            "ffn.w_gate": colwise, "ffn.w_up": colwise,
+            "ffn.w_down": TensorSplit(Split.ROWWISE_PARTIAL) if tiled else rowwise,
         }
         head_norms = self.attn.q_norm is not None
         if head_norms:
