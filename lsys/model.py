@@ -153,6 +153,20 @@ def token_losses(head: nn.Module, hidden: Tensor, labels: Tensor, chunk_tokens: 
     return torch.cat(pieces, dim=1)
 
 
+def losses_and_predictions(head: nn.Module, hidden: Tensor, labels: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """For evaluation (no backward): per-token cross-entropy [B, S] (at least fp32) and the argmax predictions
+    [B, S] int64 of the output head over `hidden` [B, S, hidden]; with `chunk_tokens`, as `token_losses` makes
+    them, only one chunk's [B, chunk, V] logits exist at a time."""
+    losses, predictions = [], []
+    for h, y in zip(hidden.split(chunk_tokens or hidden.shape[1], dim=1),
+                    labels.split(chunk_tokens or labels.shape[1], dim=1), strict=True):
+        logits = head(h)  # [B, chunk, V]
+        losses.append(logit_losses(logits, y))
+        predictions.append(logits.argmax(-1))
+        del logits
+    return torch.cat(losses, dim=1), torch.cat(predictions, dim=1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -177,10 +191,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None,
-                loss_chunk_tokens: int = 0, document_ids: Tensor | None = None) -> Tensor:
+                loss_chunk_tokens: int = 0, document_ids: Tensor | None = None,
+                predictions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """tokens, positions: [B, S] (S may be this rank's shard; positions are explicit per token) -> logits
         [B, S, V]; with `labels` [B, S]: per-token cross-entropy [B, S] (at least fp32), the vocabulary's logits
-        made `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`).
+        made `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`); with
+        `predictions` too (evaluation, no backward): (those losses, argmax predictions [B, S] int64).
         `document_ids` [B, S] int64: each query attends only to keys of its own document (None: no masks)."""
         table_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, table_dtype)
@@ -189,6 +205,8 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, document_ids)
         if labels is None:
             return self.lm_head(self.norm(x))
+        if predictions:
+            return losses_and_predictions(self.lm_head, self.norm(x), labels, loss_chunk_tokens)
         return token_losses(self.lm_head, self.norm(x), labels, loss_chunk_tokens)
 
     def parallel_plan(self) -> ParallelPlan:

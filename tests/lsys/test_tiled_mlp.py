@@ -30,7 +30,9 @@ def _assert_same(result: dict[str, Any], expected: dict[str, Any]) -> None:
 
 def test_tiled_feed_forward_trains_exactly_like_the_untiled_one(tmp_path):
     variants = [(), TILED, ("model.mlp_chunk_tokens=8",), (*TILED, "recompute.mode=selective"),
-                (*TILED, "recompute.mode=full"), (*TILED, "train.micro_batch_size=1")]
+                (*TILED, "recompute.mode=full"), (*TILED, "train.micro_batch_size=1"),
+                # Evaluation with the loss chunked: losses and predictions made a chunk at a time.
+                (*TILED, "train.loss_chunk_tokens=5")]
     configs = [tiny_config(tmp_path / str(i), *variant) for i, variant in enumerate(variants)]
     reference, *tiled = run_ranks(_each_config, 1, configs)[0]
     for result in tiled:
@@ -43,7 +45,7 @@ def test_tiled_feed_forward_on_two_ranks_trains_exactly_like_one(tmp_path):
                ("parallel.cp_ulysses=2", "recompute.mode=full"), ("parallel.tp=2",),
                ("parallel.tp=2", "recompute.mode=selective", "train.micro_batch_size=2"),
                ("parallel.tp=2", "recompute.mode=full"), ("parallel.dp=2",),
-               ("parallel.dp=2", "recompute.mode=selective"),
+               ("parallel.dp=2", "recompute.mode=selective", "train.loss_chunk_tokens=5"),
                ("parallel.dp=2", "recompute.mode=full")]
     configs = [tiny_config(tmp_path / "-".join(layout), *TILED, *layout) for layout in layouts]
     int8_layouts = [("parallel.cp_ring=2",), ("parallel.tp=2", "recompute.mode=selective")]

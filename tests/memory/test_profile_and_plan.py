@@ -52,7 +52,7 @@ def _stored_by_both_counters(values: dict[str, Any]) -> tuple[int, int, dict, di
                 trainer.train_step(step)
         usage = tracker.usage()
         batch = trainer._micro_batches(0)[0]
-        _, stored = measure_stored_activations(trainer.model, lambda: trainer.work.token_losses(batch)[0].sum())
+        _, stored = measure_stored_activations(trainer.model, lambda: trainer.work.training_losses(batch).sum())
         return usage.stored_activations_bytes, stored.total_bytes(), usage.to_dict(), state_bytes(trainer.model,
                                                                                                   trainer.optimizer)
 
