@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp2-selective-bf16": (2, ["parallel.tp=2", "recompute.mode=selective", "train.compute_dtype=bfloat16"]),
     "dp2-ring2-fsdp": (4, ["parallel.cp_ring=2"]),
     "ulysses2-tp2-full": (4, ["parallel.cp_ulysses=2", "parallel.tp=2", "recompute.mode=full"]),
+    "tp2-selective-tiled-mlp": (2, ["parallel.tp=2", "recompute.mode=selective", "model.mlp_chunk_tokens=48"]),
 }
 
 
@@ -31,6 +32,10 @@ def _planned_peak(values: dict[str, Any], world_size: int) -> dict[str, Any]:
     from lsys.memory.trace import trace_rank
 
     return trace_rank(config_from_dict(values), world_size).to_dict()
+
+
+def _planned_peaks(configs: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    return [_planned_peak(values, world_size) for values in configs]
 
 
 def _stored_by_both_counters(values: dict[str, Any]) -> tuple[int, int, dict, dict[str, int]]:
@@ -103,3 +108,16 @@ def test_chunked_loss_leaves_the_vocabulary_out_of_the_stored_activations():
     log_probs = 4 * (cfg.train.global_batch_size // 2) * (cfg.data.seq_len // 2) * vocabulary_size(cfg)  # fp32
     assert whole["stored_activations_bytes"] - chunked["stored_activations_bytes"] >= 0.9 * log_probs
     assert chunked["peak_bytes"] <= whole["peak_bytes"]
+
+
+def test_tiled_feed_forward_leaves_its_intermediates_out_of_the_stored_activations():
+    configs = [to_dict(_config(["parallel.cp_ring=2", *tiled])) for tiled in ([], ["model.mlp_chunk_tokens=32"])]
+    whole, tiled = spawn(_planned_peaks, 1, (configs, 4))[0]
+    cfg = _config([])
+    from lsys.config import ffn_hidden_size
+
+    # Per layer, fp32: the gate and up projections' outputs, the SiLU's and the product, [B, S/cp, ffn] each.
+    intermediates = cfg.model.num_layers * 4 * 4 * (cfg.train.global_batch_size // 2) * (cfg.data.seq_len // 2) \
+        * ffn_hidden_size(cfg.model)
+    assert whole["stored_activations_bytes"] - tiled["stored_activations_bytes"] >= intermediates
+    assert tiled["peak_bytes"] < whole["peak_bytes"]
