@@ -57,7 +57,9 @@ class _SequenceTiled(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[:, start:stop] = grads[0]
                 grads = grads[1:]
-            sums = [g if s is None else s + g for s, g in zip(sums, grads, strict=True)]
+            # In place: one chunk's gradients at a time on top of the sums (DeepSpeed's adds into .grad alike).
+            sums = [g if s is None else s.add_(g) for s, g in zip(sums, grads, strict=True)]
+            del out, grads  # before the next chunk's recompute, not after it
         param_grads = iter(sums)
         return (None, None, grad_x, *(next(param_grads) if needed else None for needed in ctx.needs_input_grad[3:]))
 
