@@ -59,7 +59,7 @@ def _stored(trainer, step: int) -> dict[str, int]:
     batch = trainer._micro_batches(step)[0]
 
     def forward():
-        losses, _ = trainer.work.token_losses(batch)
+        losses = trainer.work.training_losses(batch)
         return (losses * batch.loss_mask).sum()
 
     loss, stored = measure_stored_activations(trainer.model, forward)

@@ -88,6 +88,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    # The feed-forward this many sequence positions at a time, its [chunk, ffn_hidden_size] intermediates
+    # recomputed from the chunk's input in backward: only one chunk's exist at once (0: all at once). For long
+    # sequences, e.g. 4096 (lsys.tiling).
+    mlp_chunk_tokens: int = 0
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -375,6 +379,8 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "use 0 (the task's vocabulary) or a positive size")
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "use 0 (automatic) or a positive size")
     p.validate()
+    _require(m.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens", m.mlp_chunk_tokens,
+             "use 0 (the whole sequence at once) or a positive number of positions")
     _require(m.head_dim >= 0, "model.head_dim", m.head_dim, "use 0 (hidden_size / num_heads) or a positive size")
     check_model_split(hidden_size=m.hidden_size, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                       ffn_hidden_size=ffn_hidden_size(m), head_dim=m.head_dim, cp_ulysses=p.cp_ulysses, tp=p.tp)

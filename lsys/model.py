@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.attention import attention as local_attention
 from lsys.config import ModelConfig, ffn_hidden_size, head_dim
 from lsys.rope import apply_rope, inverse_frequencies, rope_tables
+from lsys.tiling import sequence_tiled
 from parallel.plan import BlockPlan, ParallelPlan, Split, TensorSplit
 
 AttnFn = Callable[..., Tensor]
@@ -72,11 +73,16 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
+        self.chunk_tokens = cfg.mlp_chunk_tokens
         self.w_gate = nn.Linear(cfg.hidden_size, hidden, bias=False)
         self.w_up = nn.Linear(cfg.hidden_size, hidden, bias=False)
         self.w_down = nn.Linear(hidden, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        # x: [B, S, hidden] -> [B, S, hidden]; tiled: [B, chunk, ffn_hidden] intermediates one chunk at a time
+        return sequence_tiled(self._swiglu, x, self.chunk_tokens, [p for p in self.parameters() if p.requires_grad])
+
+    def _swiglu(self, x: Tensor) -> Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -96,6 +102,9 @@ class Block(nn.Module):
     def parallel_plan(self) -> BlockPlan:
         colwise, rowwise = TensorSplit(Split.COLWISE), TensorSplit(Split.ROWWISE)
         sequence = TensorSplit(Split.SEQUENCE)
+        # A tiled feed-forward runs its down projection a chunk at a time: a reduce-scatter of each chunk would
+        # deal every rank a slice of every chunk, so its partial sums are reduce-scattered once, on the way out.
+        tiled = self.ffn.chunk_tokens > 0
         # Column-parallel q/k/v split whole query and KV heads, so grouped-query attention stays local.
         splits = {
             "attn_norm": sequence,
@@ -103,8 +112,9 @@ class Block(nn.Module):
             "attn": TensorSplit(Split.GATHER_INPUT, inputs=4),
             "attn.wq": colwise, "attn.wk": colwise, "attn.wv": colwise, "attn.wo": rowwise,
             "ffn_norm": sequence,
-            "ffn": TensorSplit(Split.GATHER_INPUT),
-            "ffn.w_gate": colwise, "ffn.w_up": colwise, "ffn.w_down": rowwise,
+            "ffn": TensorSplit(Split.GATHER_INPUT, reduce_output=tiled),
+            "ffn.w_gate": colwise, "ffn.w_up": colwise,
+            "ffn.w_down": TensorSplit(Split.ROWWISE_PARTIAL) if tiled else rowwise,
         }
         head_norms = self.attn.q_norm is not None
         if head_norms:
@@ -143,6 +153,20 @@ def token_losses(head: nn.Module, hidden: Tensor, labels: Tensor, chunk_tokens: 
     return torch.cat(pieces, dim=1)
 
 
+def losses_and_predictions(head: nn.Module, hidden: Tensor, labels: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """For evaluation (no backward): per-token cross-entropy [B, S] (at least fp32) and the argmax predictions
+    [B, S] int64 of the output head over `hidden` [B, S, hidden]; with `chunk_tokens`, as `token_losses` makes
+    them, only one chunk's [B, chunk, V] logits exist at a time."""
+    losses, predictions = [], []
+    for h, y in zip(hidden.split(chunk_tokens or hidden.shape[1], dim=1),
+                    labels.split(chunk_tokens or labels.shape[1], dim=1), strict=True):
+        logits = head(h)  # [B, chunk, V]
+        losses.append(logit_losses(logits, y))
+        predictions.append(logits.argmax(-1))
+        del logits
+    return torch.cat(losses, dim=1), torch.cat(predictions, dim=1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -167,10 +191,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, positions: Tensor, labels: Tensor | None = None,
-                loss_chunk_tokens: int = 0, document_ids: Tensor | None = None) -> Tensor:
+                loss_chunk_tokens: int = 0, document_ids: Tensor | None = None,
+                predictions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """tokens, positions: [B, S] (S may be this rank's shard; positions are explicit per token) -> logits
         [B, S, V]; with `labels` [B, S]: per-token cross-entropy [B, S] (at least fp32), the vocabulary's logits
-        made `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`).
+        made `loss_chunk_tokens` sequence positions at a time when that is set (see `token_losses`); with
+        `predictions` too (evaluation, no backward): (those losses, argmax predictions [B, S] int64).
         `document_ids` [B, S] int64: each query attends only to keys of its own document (None: no masks)."""
         table_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, table_dtype)
@@ -179,6 +205,8 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, document_ids)
         if labels is None:
             return self.lm_head(self.norm(x))
+        if predictions:
+            return losses_and_predictions(self.lm_head, self.norm(x), labels, loss_chunk_tokens)
         return token_losses(self.lm_head, self.norm(x), labels, loss_chunk_tokens)
 
     def parallel_plan(self) -> ParallelPlan:

@@ -56,26 +56,31 @@ class StepWork:
         return contextlib.nullcontext()
 
     def token_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """For evaluation, which needs the predictions too.
-        batch: [B, S_local] -> per-token cross-entropy [B, S_local] (at least fp32), logits [B, S_local, V]"""
+        """For evaluation, which needs the predictions too (no backward).
+        batch: [B, S_local] -> per-token cross-entropy [B, S_local] (at least fp32), argmax predictions
+        [B, S_local] int64. With train.loss_chunk_tokens the logits are made a chunk at a time as for training:
+        no [B, S_local, V] tensor exists."""
         with self.autocast():
-            logits = self.model(batch.tokens.to(self.device), batch.positions.to(self.device),
-                                document_ids=self._document_ids(batch))
-        return logit_losses(logits, batch.labels.to(self.device)), logits
+            return self.model(batch.tokens.to(self.device), batch.positions.to(self.device),
+                              labels=batch.labels.to(self.device), loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
+                              document_ids=self._document_ids(batch), predictions=True)
 
     def training_losses(self, batch: Batch) -> Tensor:
         """batch: [B, S_local] -> per-token cross-entropy [B, S_local]; no logits kept.
 
         With train.loss_chunk_tokens the model makes the logits a chunk at a time. Without, the whole loss is
-        taken outside the model as for evaluation: FSDP2 then starts backward (and gathers the last block's
-        parameters) only once the loss's own backward buffers are freed (0.8 GiB less at the peak of
-        configs/gpu_8b_1m.yaml)."""
-        if not self.cfg.train.loss_chunk_tokens:
-            return self.token_losses(batch)[0]
+        taken outside the model: FSDP2 then starts backward (and gathers the last block's parameters) only once
+        the loss's own backward buffers are freed (0.8 GiB less at the peak of configs/gpu_8b_1m.yaml)."""
+        labels = batch.labels.to(self.device)
         with self.autocast():
-            return self.model(batch.tokens.to(self.device), batch.positions.to(self.device),
-                              labels=batch.labels.to(self.device), loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
-                              document_ids=self._document_ids(batch))
+            if not self.cfg.train.loss_chunk_tokens:
+                logits = self.model(batch.tokens.to(self.device), batch.positions.to(self.device),
+                                    document_ids=self._document_ids(batch))
+            else:
+                return self.model(batch.tokens.to(self.device), batch.positions.to(self.device), labels=labels,
+                                  loss_chunk_tokens=self.cfg.train.loss_chunk_tokens,
+                                  document_ids=self._document_ids(batch))
+        return logit_losses(logits, labels)
 
     def _document_ids(self, batch: Batch) -> Tensor | ShardedDocuments | None:
         # batch: [B, S_local] -> its document ids [B, S_local], or None: unmasked attention takes the plain path.

@@ -169,8 +169,8 @@ class Trainer:
         for i in range(0, len(ids), self.micro_batch):
             full = self.task.batch(ids[i:i + self.micro_batch], split="valid")
             local = shard_batch(full, self.mesh, layout)
-            losses, logits = self.work.token_losses(local)
-            predictions = gather_sequence(logits.argmax(-1), local, self.mesh, layout).cpu()
+            losses, predictions = self.work.token_losses(local)
+            predictions = gather_sequence(predictions, local, self.mesh, layout).cpu()
             token_losses = gather_sequence(losses, local, self.mesh, layout).cpu()
             totals = totals + self.task.eval_totals(full, predictions, token_losses)
         summed = totals.to_tensor().to(self.device)

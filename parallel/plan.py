@@ -28,6 +28,9 @@ class Split(Enum):
 
     COLWISE = "colwise"  # output features split: each rank computes its heads / its slice of the width
     ROWWISE = "rowwise"  # input features split; partial sums reduce-scattered along the sequence
+    # Input features split, partial sums left as they are: a module that calls it piecewise along the sequence
+    # reduces its own output once (GATHER_INPUT with reduce_output).
+    ROWWISE_PARTIAL = "rowwise_partial"
     SEQUENCE = "sequence"  # runs on this rank's [B, S/tp, hidden] (norms)
     # Runs on this rank's heads [B, S, heads/tp, head_dim] (per-head norms): parameters replicated, their
     # gradients summed over the tensor ranks.
@@ -40,10 +43,13 @@ class Split(Enum):
 @dataclass(frozen=True)
 class TensorSplit:
     """One entry of a tensor-parallel plan. `inputs`: how many positional inputs the module takes (only
-    GATHER_INPUT needs it: the layouts of every input are declared)."""
+    GATHER_INPUT needs it: the layouts of every input are declared). `reduce_output` (GATHER_INPUT only): its
+    output is the tensor ranks' partial sums (of a ROWWISE_PARTIAL inside), reduce-scattered along the sequence
+    on the way out."""
 
     split: Split
     inputs: int = 1
+    reduce_output: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ Saved-tensor hooks are installed around parts of each block, one per policy kind
 - "linear": the inputs of the attention and feed-forward modules (the normalised activations every projection
   saves) and the attention output that the output projection saves;
 - "elementwise": what the feed-forward's own code saves (SiLU input, product inputs, down-projection input);
+  nothing for a feed-forward tiled along the sequence (lsys.tiling), which saves only its input (kind
+  "linear") and recomputes the rest in backward from the dequantized input;
 - "norm": what RMSNorm saves (its input and normalised output).
 
 Each saved tensor site (block, scope, order of saving) keeps a running per-group range: the first step takes the

@@ -14,7 +14,11 @@ backward's recompute reads, and stores none of these:
     right shape (RoPE's backward needs only its tables, each projection's backward its input); unless the
     block's plan says backward reads them (per-head norms between them and attention): then they are kept;
   - the feed-forward's output projection: it feeds only the residual add, and the checkpoint stops
-    recomputing once every saved tensor is back, before it is reached.
+    recomputing once every saved tensor is back, before it is reached;
+  - matmuls run with grad mode off: they save nothing for backward. A region that recomputes itself in
+    backward (a feed-forward tiled along the sequence, lsys.tiling: an autograd Function, whose forward runs
+    without grad) thus keeps only its input, not its [S, ffn_hidden] projections, which would undo the
+    tiling; and as that input is the last tensor the block saves, the recompute stops before the region runs.
 With 8-bit stored activations on, the kept outputs and the block's kept input (selective and full) are stored
 int8 (parallel.quantize) like attention's.
 Attention runs inside the checkpointed region but outside its bookkeeping: saved-tensor hooks restored to
@@ -143,7 +147,7 @@ class _Recording(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _MATMULS and not self.cache.attention.running:
+        if func in _MATMULS and not self.cache.attention.running and torch.is_grad_enabled():
             self.cache.keep(func, out)
         return out
 
@@ -154,7 +158,7 @@ class _Replaying(TorchDispatchMode):
         self.cache = cache
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _MATMULS:
+        if func in _MATMULS and torch.is_grad_enabled():
             entry = self.cache.take(func)
             if entry is None:
                 raise RuntimeError("selective recompute: a block's forward was recomputed twice "

@@ -6,6 +6,8 @@ Over the mesh's "tp" axis, each module as the model's plan (parallel.plan) split
   own heads (query and KV heads alike, so GQA keeps whole groups on a rank) and its slice of the feed-forward
   width;
 - projections out of them are row-parallel (ROWWISE), their partial sums reduce-scattered along the sequence;
+  a feed-forward tiled along the sequence (lsys.tiling) leaves its down projection's sums partial
+  (ROWWISE_PARTIAL) and reduce-scatters its whole output once on the way out;
 - per-head norms (Qwen3's q/k norms) run on this rank's heads (HEADS), their weights replicated;
 - norms and residual adds run sequence-parallel (SEQUENCE): each rank holds [B, S/tp, hidden] between blocks,
   and the all-gather to the full sequence happens at the entry of attention and of the feed-forward
@@ -23,11 +25,12 @@ from collections.abc import Mapping
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -43,6 +46,8 @@ def _style(entry: TensorSplit) -> ParallelStyle:
         return ColwiseParallel()
     if entry.split is Split.ROWWISE:
         return RowwiseParallel(output_layouts=Shard(1))
+    if entry.split is Split.ROWWISE_PARTIAL:
+        return RowwiseParallel(output_layouts=Partial())
     if entry.split is Split.SEQUENCE:
         return SequenceParallel(use_local_output=True)
     if entry.split is Split.HEADS:
@@ -50,6 +55,10 @@ def _style(entry: TensorSplit) -> ParallelStyle:
     if entry.split is Split.GATHER_INPUT:
         # Only the first input is an activation; the rest (attention's RoPE tables) are local, full-sequence.
         rest = (None,) * (entry.inputs - 1)
+        if entry.reduce_output:
+            return PrepareModuleInputOutput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
+                                            use_local_input=True, output_layouts=Partial(),
+                                            desired_output_layouts=Shard(1), use_local_output=True)
         return PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
                                   use_local_output=True)
     if entry.split is Split.VOCAB_EMBEDDING:

@@ -151,7 +151,8 @@ def resolve_pretrained(cfg: LsysConfig) -> LsysConfig:
                              f"decides the architecture; remove model.{key}")
     rope_theta = m.rope_theta if m.rope_theta != defaults.rope_theta else loaded.rope_theta
     scaling = m.rope_scaling if m.rope_scaling.rope_type != "default" else loaded.rope_scaling
-    model = dataclasses.replace(loaded, rope_theta=rope_theta, rope_scaling=scaling, init_std=m.init_std)
+    model = dataclasses.replace(loaded, rope_theta=rope_theta, rope_scaling=scaling, init_std=m.init_std,
+                                mlp_chunk_tokens=m.mlp_chunk_tokens)
     return dataclasses.replace(cfg, model=model)
 
 

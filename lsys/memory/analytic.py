@@ -7,6 +7,11 @@ parallelism):
     no recomputation          s b h (34/t + 5 a s / (h t))
     selective recomputation   34 s b h / t
     full recomputation        2 s b h / t      (only the block input, split by sequence parallelism)
+Of the 34, the MLP's are 19 (its input 2, the activation's input 8, the second projection's input 8, the dropout
+mask 1). A feed-forward tiled along the sequence (model.mlp_chunk_tokens, lsys.tiling) stores only its input and
+recomputes the rest in backward a chunk at a time, so its 19 become 2: 17 s b h / t per layer without full
+recomputation (full recomputation stores the block input alone either way); one chunk's intermediates are
+temporaries.
 Context parallelism leaves each rank s/cp tokens: s -> s/cp (Megatron's own estimator leaves this out). The 5as/h
 term is the attention score matrix, which flash attention (every kernel here) never stores, so it is dropped.
 int8 stored activations (Mesa) halve the 16-bit figure of the recomputation modes that store activations; fp32
@@ -28,6 +33,7 @@ from lsys.config import LsysConfig, ffn_hidden_size, head_dim
 
 BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 PER_LAYER_16BIT = {"none": 34.0, "selective": 34.0, "full": 2.0}  # x s b h / t, scores term dropped
+TILED_MLP_SAVING = 17.0  # x s b h / t: the MLP's 19 less its input's 2
 
 
 @dataclass
@@ -71,7 +77,10 @@ def analytic_estimate(cfg: LsysConfig, world_size: int, vocab_size: int) -> Anal
     s = cfg.data.seq_len / p.cp
     b = t.micro_batch_size or t.global_batch_size // dp
     h = cfg.model.hidden_size
-    per_layer = PER_LAYER_16BIT[cfg.recompute.mode] * s * b * h / p.tp
+    per_layer_16bit = PER_LAYER_16BIT[cfg.recompute.mode]
+    if cfg.model.mlp_chunk_tokens and cfg.recompute.mode != "full":
+        per_layer_16bit -= TILED_MLP_SAVING
+    per_layer = per_layer_16bit * s * b * h / p.tp
     per_layer *= BYTES[t.compute_dtype] / 2
     if cfg.quant.activations == "int8" and cfg.recompute.mode != "full":
         per_layer /= BYTES[t.compute_dtype]

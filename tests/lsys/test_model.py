@@ -126,6 +126,36 @@ def test_chunked_loss_equals_the_whole_and_stores_no_logits(chunk):
     torch.testing.assert_close(whole, logits, rtol=1e-12, atol=0)
 
 
+class _LongestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most positions of any [B, s, V] output of an op while it was on."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.positions = vocab_size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[-1] == self.vocab_size:
+                self.positions = max(self.positions, t.shape[1])
+        return out
+
+
+@pytest.mark.parametrize("chunk", [5, 12])
+def test_evaluation_losses_and_predictions_a_chunk_at_a_time(chunk):
+    model = build_model(tiny(), torch.device("cpu"), torch.float64, seed=0)
+    tokens, labels = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        logits = model(tokens, positions)
+        with _LongestLogits(50) as longest:
+            losses, predictions = model(tokens, positions, labels=labels, loss_chunk_tokens=chunk, predictions=True)
+    wanted = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    torch.testing.assert_close(losses, wanted.view(2, 12), rtol=1e-12, atol=0)
+    assert torch.equal(predictions, logits.argmax(-1))
+    assert longest.positions == min(chunk, 12)  # one chunk's logits [B, chunk, V], never [B, S, V] when chunked
+
+
 def test_tied_embeddings_stay_one_parameter_after_building():
     # Materialising from the meta device gives each module its own new parameter: the tie must be restored.
     model = build_model(tiny(tie_embeddings=True), torch.device("cpu"), torch.float32, seed=0)

@@ -99,7 +99,8 @@ OFFLOAD = ("recompute.offload=cpu",)
 def test_offloaded_activations_train_exactly_like_one_rank(tmp_path, one_rank):
     """What recomputation keeps goes to host memory and comes back (recompute.offload): nothing changes."""
     two = [("parallel.cp_ring=2", "recompute.mode=full"), ("parallel.cp_ulysses=2", "recompute.mode=selective"),
-           ("parallel.tp=2", "recompute.mode=selective"), ("parallel.dp=2", "recompute.mode=full")]
+           ("parallel.tp=2", "recompute.mode=selective"), ("parallel.dp=2", "recompute.mode=full"),
+           ("parallel.cp_ring=2", "recompute.mode=selective", "model.mlp_chunk_tokens=5")]
     int8 = ("parallel.cp_ring=2", "recompute.mode=selective", "quant.activations=int8")
     configs = [tiny_config(tmp_path / "-".join(o), *o, *OFFLOAD) for o in two]
     configs += [tiny_config(tmp_path / "int8", *int8), tiny_config(tmp_path / "int8-offload", *int8, *OFFLOAD)]

@@ -49,6 +49,11 @@ def test_megatron_formula_with_the_context_parallel_term():
     fp32 = analytic_estimate(replace(cfg, train=replace(cfg.train, compute_dtype="float32")), 8, VOCAB)
     assert fp32.activations_per_layer == 2 * plain.activations_per_layer
     offloaded = analytic_estimate(replace(cfg, optim=replace(cfg.optim, offload="cpu", fraction=0.5)), 8, VOCAB)
+    # A tiled feed-forward keeps only its input: the MLP's 19 s b h become 2; full recomputation keeps 2 anyway.
+    tiled = replace(cfg, model=replace(cfg.model, mlp_chunk_tokens=1024))
+    assert analytic_estimate(tiled, 8, VOCAB).activations_per_layer == round(17 * s * b * h / t)
+    tiled_full = replace(tiled, recompute=replace(cfg.recompute, mode="full"))
+    assert analytic_estimate(tiled_full, 8, VOCAB).activations_per_layer == full.activations_per_layer
     assert offloaded.optimizer == round(plain.optimizer / 2)
 
 

@@ -21,6 +21,7 @@ LAYOUTS = {
     "dp2-ring2-fsdp": (4, ["parallel.cp_ring=2"]),
     "ulysses2-tp2-full": (4, ["parallel.cp_ulysses=2", "parallel.tp=2", "recompute.mode=full"]),
     "ring2-selective-offload": (2, ["parallel.cp_ring=2", "recompute.mode=selective", "recompute.offload=cpu"]),
+    "tp2-selective-tiled-mlp": (2, ["parallel.tp=2", "recompute.mode=selective", "model.mlp_chunk_tokens=48"]),
 }
 
 
@@ -32,6 +33,10 @@ def _planned_peak(values: dict[str, Any], world_size: int) -> dict[str, Any]:
     from lsys.memory.trace import trace_rank
 
     return trace_rank(config_from_dict(values), world_size).to_dict()
+
+
+def _planned_peaks(configs: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    return [_planned_peak(values, world_size) for values in configs]
 
 
 def _stored_by_both_counters(values: dict[str, Any]) -> tuple[int, int, dict, dict[str, int]]:
@@ -53,7 +58,7 @@ def _stored_by_both_counters(values: dict[str, Any]) -> tuple[int, int, dict, di
                 trainer.train_step(step)
         usage = tracker.usage()
         batch = trainer._micro_batches(0)[0]
-        _, stored = measure_stored_activations(trainer.model, lambda: trainer.work.token_losses(batch)[0].sum())
+        _, stored = measure_stored_activations(trainer.model, lambda: trainer.work.training_losses(batch).sum())
         return usage.stored_activations_bytes, stored.total_bytes(), usage.to_dict(), state_bytes(trainer.model,
                                                                                                   trainer.optimizer)
 
@@ -89,8 +94,8 @@ def test_planner_predicts_what_every_rank_measures(layout, tmp_path):
 
 
 def test_offloaded_activations_are_counted_as_host_memory():
-    full = spawn(_planned_peak, 1, (to_dict(_config(["recompute.mode=full"])), 1))[0]
-    offloaded = spawn(_planned_peak, 1, (to_dict(_config(["recompute.mode=full", "recompute.offload=cpu"])), 1))[0]
+    configs = [to_dict(_config(["recompute.mode=full", *offload])) for offload in ([], ["recompute.offload=cpu"])]
+    full, offloaded = spawn(_planned_peaks, 1, (configs, 1))[0]
     assert full["host_peak_bytes"] == 0
     # The block inputs (and the RoPE tables, once) are on the host; the device keeps nothing of them.
     assert offloaded["activations"] <= 0.05 * full["activations"], (offloaded["activations"], full["activations"])
@@ -121,8 +126,8 @@ def test_chunked_loss_leaves_the_vocabulary_out_of_the_stored_activations():
 
 
 def test_state_offloaded_by_fsdp_is_counted_as_host_memory():
-    local = spawn(_planned_peak, 1, (to_dict(_config([])), 1))[0]
-    offloaded = spawn(_planned_peak, 1, (to_dict(_config(["parallel.fsdp_offload=cpu"])), 1))[0]
+    configs = [to_dict(_config(offload)) for offload in ([], ["parallel.fsdp_offload=cpu"])]
+    local, offloaded = spawn(_planned_peaks, 1, (configs, 1))[0]
     state = local["params"] + local["optimizer"]
     assert offloaded["host_categories"] == ["params", "grads", "optimizer"]
     assert state <= offloaded["host_peak_bytes"] <= state + local["params"]  # plus the gradients, one copy
@@ -131,3 +136,16 @@ def test_state_offloaded_by_fsdp_is_counted_as_host_memory():
     device = [c for c in ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")
               if c not in offloaded["host_categories"]]
     assert sum(offloaded[c] for c in device) == offloaded["peak_bytes"]
+
+
+def test_tiled_feed_forward_leaves_its_intermediates_out_of_the_stored_activations():
+    configs = [to_dict(_config(["parallel.cp_ring=2", *tiled])) for tiled in ([], ["model.mlp_chunk_tokens=32"])]
+    whole, tiled = spawn(_planned_peaks, 1, (configs, 4))[0]
+    cfg = _config([])
+    from lsys.config import ffn_hidden_size
+
+    # Per layer, fp32: the gate and up projections' outputs, the SiLU's and the product, [B, S/cp, ffn] each.
+    intermediates = cfg.model.num_layers * 4 * 4 * (cfg.train.global_batch_size // 2) * (cfg.data.seq_len // 2) \
+        * ffn_hidden_size(cfg.model)
+    assert whole["stored_activations_bytes"] - tiled["stored_activations_bytes"] >= intermediates
+    assert tiled["peak_bytes"] < whole["peak_bytes"]
