@@ -165,16 +165,22 @@ def _comparison(traced: dict[str, Any], analytic: Any) -> Table:
                   title_justify="left")
     for column in ("", "traced at the peak", "analytic"):
         table.add_column(column, justify="right" if column else "left")
+    host = set(traced.get("host_categories", ()))
     rows = [("params", traced["params"], analytic.params),
             ("gathered params", traced["gathered_params"], None),
             ("grads", traced["grads"], analytic.grads),
             ("optimizer", traced["optimizer"], analytic.optimizer),
             ("activations (layers + loss)", traced["activations"], analytic.activations + analytic.output),
             ("temporaries", traced["temporaries"], None),
-            ("total", traced["peak_bytes"], analytic.total)]
+            ("device total", traced["peak_bytes"], analytic.total)]
     for name, left, right in rows:
+        if name in host:  # held in host memory: in the host row, not the device total
+            name, right = f"{name} (host)", None
         table.add_row(name, format_bytes(left), "-" if right is None else format_bytes(right))
     table.add_row("traced / analytic", f"{traced['peak_bytes'] / analytic.total:.2f}x", "")
+    if traced.get("host_peak_bytes") or analytic.host:
+        table.add_row("host (offloaded) peak", format_bytes(traced.get("host_peak_bytes", 0)),
+                      format_bytes(analytic.host))
     return table
 
 

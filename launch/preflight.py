@@ -53,7 +53,8 @@ def check_memory(cfg: LsysConfig, world_size: int, local_ranks: int, vocab_size:
     analytic estimate, a lower bound of what a step holds) exceed it, instead of letting the ranks die of it."""
     from lsys.memory.analytic import analytic_estimate
 
-    per_rank = analytic_estimate(cfg, world_size, vocab_size).total
+    estimate = analytic_estimate(cfg, world_size, vocab_size)
+    per_rank = estimate.total + estimate.host  # on CPU ranks the host is this same memory
     total = psutil.virtual_memory().total
     if per_rank * local_ranks > total:
         m = cfg.model

@@ -19,6 +19,10 @@ compute doubles it. The loss keeps the fp32 log-probabilities over the vocabular
 chunk's with train.loss_chunk_tokens.
 Model states: parameters and gradients in train.param_dtype, AdamW's two moments in the same dtype (none for the
 offloaded fraction), sharded over the replicas (dp x cp, FSDP2) and the tensor-parallel ranks.
+Host memory per rank (`host`), counted apart from the device total: with recompute.offload every layer's stored
+activations (the device keeps two layers': the one backward reads and the one brought back ahead of it); with
+parallel.fsdp_offload the parameters, gradients and moments; with optim.offload the offloaded fraction's fp32
+master weights and moments (DeepSpeed's CPU Adam, 12 bytes per parameter, in actors on the rank's node).
 
 What the formula does not know (docs/memory.md measures it): temporaries (gathered FSDP2 parameters, the output
 head's logits and their fp32 copy, backward workspaces, communication buffers) and this model's own layer
@@ -38,12 +42,15 @@ TILED_MLP_SAVING = 17.0  # x s b h / t: the MLP's 19 less its input's 2
 
 @dataclass
 class AnalyticEstimate:
+    """Device bytes per rank by category (`total`), and the host bytes per rank (`host`)."""
+
     params: int
     grads: int
     optimizer: int
-    activations: int  # every layer's stored activations
+    activations: int  # every layer's stored activations kept on the device
     output: int  # the loss's fp32 log-probabilities (one chunk's when the loss is chunked)
     activations_per_layer: int
+    host: int = 0
 
     @property
     def total(self) -> int:
@@ -84,11 +91,21 @@ def analytic_estimate(cfg: LsysConfig, world_size: int, vocab_size: int) -> Anal
     per_layer *= BYTES[t.compute_dtype] / 2
     if cfg.quant.activations == "int8" and cfg.recompute.mode != "full":
         per_layer /= BYTES[t.compute_dtype]
+    layers = cfg.model.num_layers
+    state = {"params": held * param_bytes, "grads": held * param_bytes,
+             "optimizer": 2 * held * param_bytes * kept_state}
+    host = 12 * held * (1.0 - kept_state)
+    if p.fsdp_offload != "none":
+        host += sum(state.values())
+        state = dict.fromkeys(state, 0.0)
+    device_layers = layers
+    if cfg.recompute.offload != "none":
+        host += per_layer * layers
+        device_layers = min(layers, 2)
     return AnalyticEstimate(
-        params=round(held * param_bytes),
-        grads=round(held * param_bytes),
-        optimizer=round(2 * held * param_bytes * kept_state),
-        activations=round(per_layer * cfg.model.num_layers),
+        **{name: round(value) for name, value in state.items()},
+        activations=round(per_layer * device_layers),
         output=round(4 * min(s, t.loss_chunk_tokens or s) * b * vocab_size),
         activations_per_layer=round(per_layer),
+        host=round(host),
     )
