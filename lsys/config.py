@@ -4,6 +4,7 @@ and validation that names the key, the value and the fix before any process star
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,17 @@ class ClusterConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where rank 0 also reports a run (lsys.tracking), besides metrics.jsonl: TensorBoard event files under
+    train.run_dir/tensorboard, and Weights & Biases when asked (offline by default: a local wandb/ directory)."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "lsys"
+    wandb_mode: str = "offline"  # offline | online
+
+
+@dataclass
 class LsysConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +248,7 @@ class LsysConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -460,6 +473,11 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
 
     _validate_optim(cfg.optim)
     _validate_cluster(cfg.cluster)
+    _require(cfg.logging.wandb_mode in ("offline", "online"), "logging.wandb_mode", cfg.logging.wandb_mode,
+             "choose offline (a local wandb/ directory, no network) or online")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("logging.wandb=true: the wandb package is not installed; `pip install wandb` or set "
+                         "logging.wandb=false")
     cfg.recompute.validate()
     cfg.quant.validate()
     _require(p.tp == 1 or not m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,

@@ -30,6 +30,7 @@ from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
 from lsys.sharding import gather_sequence, shard_batch
 from lsys.step import StepWork, torch_dtype
+from lsys.tracking import RunTracking
 from lsys.weights import materialize
 from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize
@@ -236,6 +237,7 @@ class Trainer:
         start = self._resume()
         end = cfg.train.exit_at_step or cfg.train.steps
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", resumed_from=start) if main else None
+        tracking = RunTracking(cfg.logging, self.run_dir, start, to_dict(cfg)) if main else None
         view = ProgressView(main, cfg.train.steps, start)
         if main:
             save_config(cfg, self.run_dir)
@@ -263,6 +265,7 @@ class Trainer:
                     logged = {"step": done, **record, "skipped_steps": guard.skipped}
                     if writer:
                         writer.write(logged)
+                        tracking.step(logged)
                 view.step(done, logged)
                 if stopped:
                     view.message(stopped)
@@ -272,6 +275,7 @@ class Trainer:
                     evals.append(result)
                     if writer:
                         writer.write(result)
+                        tracking.evaluation(result)
                     view.message(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
                                                                 if isinstance(v, float)))
                 if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
@@ -284,6 +288,7 @@ class Trainer:
             view.close()
             if writer:
                 writer.close()
+                tracking.close()
         wall = time.perf_counter() - started
         held = {**state_bytes(self.model, self.optimizer), "resident": resident_bytes()}
         state_per_rank = [None] * self.session.world_size
