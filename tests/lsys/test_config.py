@@ -59,6 +59,11 @@ BAD = [
     (["data.passkey.pack=2", "data.curriculum.start_len=32", "data.curriculum.steps=9"], "data.passkey.pack=2: "
      "packing with a sequence-length curriculum"),
     (["data.document_masks=sometimes"], "data.document_masks"),
+    (["parallel.cp_layout=striped"], "parallel.cp_layout='striped': choose one of zigzag, contiguous, balanced"),
+    (["recompute.offload=gpu"], "recompute.offload='gpu': choose one of none, cpu"),
+    (["recompute.offload=cpu"], "recompute.offload=cpu: it moves what recomputation keeps"),
+    (["parallel.fsdp_offload=disk"], "parallel.fsdp_offload='disk'"),
+    (["logging.wandb_mode=cloud"], "logging.wandb_mode='cloud'"),
     (["train.steps=0"], "train.steps=0"),
     (["train.min_lr=1.0", "train.lr=0.1"], "train.min_lr=1.0"),
     (["train.warmup_steps=-1"], "train.warmup_steps=-1"),
