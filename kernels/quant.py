@@ -17,6 +17,10 @@ Backends: "torch" (any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1)
 and torch elsewhere. Both do all arithmetic in fp32 whatever the input dtype. "torch-rand" is the fast CPU path
 for training: the same arithmetic, vectorised over whole groups, with the rounding noise drawn from a seeded
 torch.Generator instead of the hash (same distribution, different bits; about 3x faster on CPU).
+
+Both torch paths work through the tensor in slabs of equal size (the last may be shorter). With shapes_only=True
+(fake tensors, which have no values: the memory planner) they run only the slabs whose allocations differ, see
+worked_slabs; the planner's trace then sees the same memory at a fraction of the operators.
 """
 
 from __future__ import annotations
@@ -41,15 +45,28 @@ BACKENDS = ("auto", "torch", "torch-rand", "triton")
 CHUNK = 1 << 16
 
 
+def worked_slabs(total: int, step: int, shapes_only: bool = False) -> list[int]:
+    """The starts of the slabs a quantize loop works through: every one, or with `shapes_only` the first, the
+    second and the last. A slab allocates the same temporaries as any other of its size while the previous
+    slab's are still held (its loop variables), so the first (nothing before it), the second (a full slab
+    before it) and the last (the only one that may be shorter) are every state the loop's memory passes
+    through: a tracker sees the same peak and breakdown. The codes of the slabs left out are not written."""
+    starts = list(range(0, total, step))
+    if shapes_only and len(starts) > 3:
+        return [starts[0], starts[1], starts[-1]]
+    return starts
+
+
 def torch_quantize_int8(
-    x: Tensor, scale: Tensor, shift: Tensor, *, channel_dim: int, seed: int, stochastic: bool = True
+    x: Tensor, scale: Tensor, shift: Tensor, *, channel_dim: int, seed: int, stochastic: bool = True,
+    shapes_only: bool = False,
 ) -> Tensor:
     """Torch twin of triton_quantize_int8 (any device); see quantize_int8."""
     span, inv_scale, shift, key = prepare_quantize(x, scale, shift, channel_dim, seed)
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     flat, q_flat = x.reshape(-1), q.view(-1)
     num_groups = scale.shape[0]
-    for start in range(0, flat.numel(), CHUNK):
+    for start in worked_slabs(flat.numel(), CHUNK, shapes_only):
         idx = torch.arange(start, min(start + CHUNK, flat.numel()), device=x.device)
         group = idx // span % num_groups
         v = (flat[start : start + CHUNK].float() - shift[group]) * inv_scale[group]
@@ -78,7 +95,8 @@ def torch_dequantize_int8(q: Tensor, scale: Tensor, shift: Tensor, *, channel_di
 
 
 def rand_quantize_int8(
-    x: Tensor, scale: Tensor, shift: Tensor, *, channel_dim: int, seed: int, stochastic: bool = True
+    x: Tensor, scale: Tensor, shift: Tensor, *, channel_dim: int, seed: int, stochastic: bool = True,
+    shapes_only: bool = False,
 ) -> Tensor:
     """Fast twin of torch_quantize_int8: codes from the same formula; u from torch.Generator(seed)."""
     span, inv_scale, shift, key = prepare_quantize(x, scale, shift, channel_dim, seed)
@@ -92,7 +110,7 @@ def rand_quantize_int8(
     inv_scale, shift = inv_scale.view(1, -1, 1), shift.view(1, -1, 1)
     generator = torch.Generator(device=x.device).manual_seed(key)
     rows = max(1, CHUNK * 16 // (num_groups * span))
-    for start in range(0, x3.shape[0], rows):
+    for start in worked_slabs(x3.shape[0], rows, shapes_only):
         v = ((x3[start : start + rows].float() - shift) * inv_scale).clamp_(QMIN, QMAX)
         floor = v.floor()
         frac = v.sub_(floor)
@@ -114,6 +132,7 @@ def quantize_int8(
     seed: int,
     stochastic: bool = True,
     backend: str = "auto",
+    shapes_only: bool = False,
 ) -> Tensor:
     """x: any float dtype, any shape [..., C (at channel_dim), ...]; scale, shift: float32 [G], G divides C
     -> q: int8, x's shape, contiguous.
@@ -122,6 +141,9 @@ def quantize_int8(
     stochastic (up with probability frac, from a hash of (seed, flat index in x's logical row-major order), so
     a non-contiguous x gives the codes of its contiguous copy) or half-up to nearest. Same seed, same bits on
     both backends; vary the seed per step and per tensor. NaN inputs give unspecified codes.
+
+    shapes_only: x has no values (a fake tensor): the torch paths run only the slabs that allocate differently
+    (worked_slabs) and leave the other codes unset; the Triton kernel is one launch either way.
     """
     resolved = _resolve(backend, x)
     if resolved == "triton":
@@ -129,8 +151,10 @@ def quantize_int8(
 
         return triton_quantize_int8(x, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=stochastic)
     if resolved == "torch-rand":
-        return rand_quantize_int8(x, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=stochastic)
-    return torch_quantize_int8(x, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=stochastic)
+        return rand_quantize_int8(x, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=stochastic,
+                                  shapes_only=shapes_only)
+    return torch_quantize_int8(x, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=stochastic,
+                               shapes_only=shapes_only)
 
 
 def dequantize_int8(

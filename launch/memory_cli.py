@@ -4,11 +4,14 @@ search the layout that fits the longest sequence into a budget)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from launch import exits
@@ -135,13 +138,17 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
     if args.budget_gib is not None:
         budget = round(args.budget_gib * GIB)
         try:
-            found = search(cfg, world, budget, vocab, top=args.top,
-                           progress=lambda text: console.print(f"lsys plan: {text}", highlight=False))
+            with _search_progress(console) as progress:
+                found = search(cfg, world, budget, vocab, top=args.top, progress=progress)
         except ValueError as exc:
             return exits.invalid_input(console, exc)
         output.print(_candidates(found, args.budget_gib))
         document["budget_bytes"] = budget
         document["candidates"] = [c.describe() for c in found]
+        best = found[0].describe()
+        document["chosen"] = {**{k: best[k] for k in ("dp", "cp_ring", "cp_ulysses", "tp", "recompute", "quant")},
+                              "seq_len": best["traced_seq_len"], "device_bytes_per_rank": best["traced_peak_bytes"],
+                              "confirmed": best["confirmed"]}
     if args.out:
         out = Path(args.out)
         write_json(out / "plan.json", document)
@@ -150,6 +157,27 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}", highlight=False)
     console.print(f"lsys plan: done in {time.perf_counter() - started:.1f} s", highlight=False)
     return 0
+
+
+@contextlib.contextmanager
+def _search_progress(console: Console) -> Iterator[Callable[[str, int, int], None]]:
+    """The search's traces as a progress bar on a terminal (`console` writes to stderr), else a line a trace."""
+    if not console.is_terminal:
+        def line(what: str, done: int, planned: int) -> None:
+            if done < planned:
+                console.print(f"lsys plan: trace {done + 1}/{planned}: {what}", highlight=False)
+
+        yield line
+        return
+    columns = (TextColumn("[bold]lsys plan: tracing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def show(what: str, done: int, planned: int) -> None:
+            bar.update(task, description=what, completed=done, total=planned)
+
+        yield show
 
 
 def _wide_console() -> Console:

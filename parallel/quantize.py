@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from kernels.quant import dequantize_int8, group_range, quantize_int8, scale_shift_from_range
-from parallel._compat import AsyncCollectiveTensor
+from parallel._compat import AsyncCollectiveTensor, FakeTensor
 from parallel.config import QuantConfig, RecomputeConfig
 from parallel.offload import BlockStorage
 from parallel.plan import BlockPlan, ParallelPlan
@@ -189,8 +189,9 @@ class BlockQuantizer:
         seed = hash((self.cfg.seed, self.block_index, SCOPES.index(scope), order, self.calls)) & 0x7FFFFFFF
         # CPU: the vectorised path with generator noise; the hash-based torch twin exists to check Triton.
         backend = "auto" if t.is_cuda else "torch-rand"
+        # Fake tensors (the memory planner) have no values to round: only the allocations matter (worked_slabs).
         codes = quantize_int8(t, scale, shift, channel_dim=channel_dim, seed=seed, stochastic=self.cfg.stochastic,
-                              backend=backend)
+                              backend=backend, shapes_only=isinstance(t, FakeTensor))
         packed = _Packed(codes, scale, shift, channel_dim, t.dtype)
         if t.is_contiguous():
             # Held weakly through the viewed tensor: a projection saves a temporary 2-D view of its input.

@@ -27,6 +27,8 @@ RECOMPUTE_COST = {"none": 0, "selective": 1, "full": 2}  # extra compute, for or
 GIB = 1024**3
 CONFIRM_ATTEMPTS = 3
 NODE_GPUS = 8
+# What a search reports before each trace and once when done: what it traces, traces done, traces planned.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -96,8 +98,26 @@ def _accepts(check: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
     return True
 
 
+class _Traces:
+    """The search's traces, counted for its progress report: two per candidate and one to confirm (more when
+    the winner steps down)."""
+
+    def __init__(self, world_size: int, progress: Progress, planned: int):
+        self.world_size, self.progress, self.planned, self.done = world_size, progress, planned, 0
+
+    def peak(self, cfg: LsysConfig, seq_len: int, what: str) -> int:
+        self.planned = max(self.planned, self.done + 1)
+        self.progress(what, self.done, self.planned)
+        peak = trace_rank(with_seq_len(cfg, seq_len), self.world_size).peak_bytes
+        self.done += 1
+        return peak
+
+    def finished(self) -> None:
+        self.progress("done", self.done, self.done)
+
+
 def search(cfg: LsysConfig, world_size: int, budget_bytes: int, vocab: int, top: int = 3,
-           progress: Callable[[str], None] = lambda _: None) -> list[Candidate]:
+           progress: Progress = lambda what, done, planned: None) -> list[Candidate]:
     """The `top` candidates with the longest traced sequence under `budget_bytes` per rank, best first.
     Raises ValueError when no layout fits even the shortest sequence."""
     ranked, variants = [], layouts(cfg, world_size)
@@ -118,10 +138,12 @@ def search(cfg: LsysConfig, world_size: int, budget_bytes: int, vocab: int, top:
         if key not in classes and len(chosen) < top:
             classes.add(key)
             chosen.append(candidate)
+    traces = _Traces(world_size, progress, 2 * len(chosen) + 1)
     for index, candidate in enumerate(chosen):
-        _trace_line(candidate, world_size, budget_bytes, progress, f"{index + 1}/{len(chosen)}")
+        _trace_line(candidate, budget_bytes, traces, f"{index + 1}/{len(chosen)}")
     chosen.sort(key=lambda c: (-c.traced_seq_len, RECOMPUTE_COST[c.cfg.recompute.mode]))
-    _confirm(chosen[0], world_size, budget_bytes, progress)
+    _confirm(chosen[0], budget_bytes, traces)
+    traces.finished()
     if not chosen[0].confirmed:
         raise ValueError(f"--budget-gib {budget_bytes / GIB:g}: the traced memory of the best layouts exceeds the "
                          "budget even at the shortest sequence; raise the budget or the number of ranks")
@@ -136,28 +158,33 @@ def _preference(candidate: Candidate) -> tuple:
             candidate.cfg.quant.activations != "none", p.tp, p.cp_ulysses * p.tp > NODE_GPUS, -p.cp_ulysses)
 
 
-def _trace_line(candidate: Candidate, world_size: int, budget: int, progress: Callable[[str], None],
-                label: str) -> None:
+def _trace_line(candidate: Candidate, budget: int, traces: _Traces, label: str) -> None:
     """Trace at the analytic length and half of it; the line through both gives the traced longest sequence."""
     step = candidate.cfg.parallel.seq_granularity
     far = max(2 * step, candidate.analytic_seq_len)
     near = max(step, far // 2 // step * step)
-    progress(f"tracing candidate {label} at {near:,} and {far:,} tokens")
-    high = trace_rank(with_seq_len(candidate.cfg, far), world_size).peak_bytes
-    low = trace_rank(with_seq_len(candidate.cfg, near), world_size).peak_bytes
+    what = f"candidate {label} ({_layout(candidate.cfg)})"
+    high = traces.peak(candidate.cfg, far, f"{what} at {far:,} tokens")
+    low = traces.peak(candidate.cfg, near, f"{what} at {near:,} tokens")
     slope = (high - low) / (far - near)
     candidate.traced_seq_len = _longest(high - slope * far, slope, budget, step)
     candidate.traced_peak_bytes = round(high + slope * (candidate.traced_seq_len - far))
 
 
-def _confirm(candidate: Candidate, world_size: int, budget: int, progress: Callable[[str], None]) -> None:
+def _layout(cfg: LsysConfig) -> str:
+    p = cfg.parallel
+    return (f"dp {p.dp} x ring {p.cp_ring} x ulysses {p.cp_ulysses} x tp {p.tp}, {cfg.recompute.mode} recompute, "
+            f"{cfg.quant.activations} activations")
+
+
+def _confirm(candidate: Candidate, budget: int, traces: _Traces) -> None:
     """Trace the winner at its length; step down while it does not fit (the line is exact up to rounding)."""
     step = candidate.cfg.parallel.seq_granularity
     for _ in range(CONFIRM_ATTEMPTS):
         if candidate.traced_seq_len < step:
             return
-        progress(f"confirming {candidate.traced_seq_len:,} tokens")
-        peak = trace_rank(with_seq_len(candidate.cfg, candidate.traced_seq_len), world_size).peak_bytes
+        peak = traces.peak(candidate.cfg, candidate.traced_seq_len,
+                           f"confirming {candidate.traced_seq_len:,} tokens")
         candidate.traced_peak_bytes = peak
         if peak <= budget:
             candidate.confirmed = True

@@ -50,8 +50,13 @@ def test_plan_search_prints_the_candidates(tmp_path):
                   "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "longest sequence within 0.01 GiB per rank" in result.stdout
-    best = json.loads((tmp_path / "plan.json").read_text())["candidates"][0]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    best, chosen = plan["candidates"][0], plan["chosen"]
     assert best["confirmed"] and best["traced_peak_bytes"] <= 0.01 * 1024**3
+    assert chosen["seq_len"] == best["traced_seq_len"] > 0 and chosen["cp_ring"] == best["cp_ring"]
+    assert chosen["device_bytes_per_rank"] == best["traced_peak_bytes"] and chosen["confirmed"]
+    # Off a terminal the progress is one line a trace on stderr: two for the one candidate, one to confirm.
+    assert "lsys plan: trace 1/3: candidate 1/1" in result.stderr and "trace 3/3: confirming" in result.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
