@@ -41,8 +41,9 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
         description="Trace one training step of one rank of a WORLD_SIZE-rank job with fake tensors and a fake "
                     "process group (no memory is allocated and no peer is needed), and print its memory next to "
                     "the analytic estimate (Megatron's per-layer formula with the context-parallel term). With "
-                    "--budget-gib, search the parallel degrees, recomputation and int8 stored activations for the "
-                    "longest sequence that fits the budget per rank. " + config_help,
+                    "--budget-gib, search the parallel degrees, recomputation, int8 stored activations and MLP "
+                    "tiling for the longest sequence that fits the budget per rank; with --host-budget-gib also "
+                    "activation offload and the model state in host memory. " + config_help,
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/gpu_8b_128k.yaml")
     p.add_argument("overrides", metavar="OVERRIDE", nargs="*", help="key=value config overrides")
@@ -50,6 +51,9 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
                                                                 "cluster.num_workers)")
     p.add_argument("--budget-gib", type=float, default=None, metavar="GIB",
                    help="memory per rank; search the layouts for the longest sequence that fits")
+    p.add_argument("--host-budget-gib", type=float, default=None, metavar="GIB",
+                   help="host memory per rank the search may offload to (e.g. 256 for 2 TiB per 8-GPU node); "
+                        "default: nothing is offloaded")
     p.add_argument("--top", type=int, default=3, help="candidates traced in the search (default 3)")
     p.add_argument("--out", default=None, metavar="DIR", help="also write DIR/plan.json and DIR/plan.png")
     p.set_defaults(handler=plan_command)
@@ -111,7 +115,7 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
     from lsys.config import to_dict
     from lsys.memory.analytic import analytic_estimate
     from lsys.memory.report import layer_table, plot, rank_table, write_json
-    from lsys.memory.search import GIB, search
+    from lsys.memory.search import GIB, Budget, search
     from lsys.memory.trace import trace_rank, vocabulary_size
 
     started = time.perf_counter()
@@ -119,6 +123,9 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
         cfg, world = _load(args, args.world_size)
         if args.budget_gib is not None and args.budget_gib <= 0:
             raise ValueError(f"--budget-gib={args.budget_gib}: give the memory per rank in GiB, e.g. 80")
+        if args.host_budget_gib is not None and (args.host_budget_gib <= 0 or args.budget_gib is None):
+            raise ValueError(f"--host-budget-gib={args.host_budget_gib}: give the host memory per rank in GiB, "
+                             "e.g. 256, together with --budget-gib")
         if args.top < 1:
             raise ValueError(f"--top={args.top}: trace at least one candidate")
         if args.out:
@@ -136,19 +143,23 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
     document: dict[str, Any] = {"world_size": world, "traced": traced, "analytic": analytic.to_dict(),
                                 "config": to_dict(cfg)}
     if args.budget_gib is not None:
-        budget = round(args.budget_gib * GIB)
+        host = None if args.host_budget_gib is None else round(args.host_budget_gib * GIB)
+        budget = Budget(round(args.budget_gib * GIB), host)
         try:
             with _search_progress(console) as progress:
                 found = search(cfg, world, budget, vocab, top=args.top, progress=progress)
         except ValueError as exc:
             return exits.invalid_input(console, exc)
-        output.print(_candidates(found, args.budget_gib))
-        document["budget_bytes"] = budget
+        output.print(_candidates(found, args.budget_gib, args.host_budget_gib))
+        document["budget_bytes"] = budget.device
+        document["host_budget_bytes"] = budget.host
         document["candidates"] = [c.describe() for c in found]
         best = found[0].describe()
-        document["chosen"] = {**{k: best[k] for k in ("dp", "cp_ring", "cp_ulysses", "tp", "recompute", "quant")},
-                              "seq_len": best["traced_seq_len"], "device_bytes_per_rank": best["traced_peak_bytes"],
-                              "confirmed": best["confirmed"]}
+        layout = ("dp", "cp_ring", "cp_ulysses", "tp", "recompute", "quant", "offload", "fsdp_offload",
+                  "mlp_chunk_tokens")
+        document["chosen"] = {**{k: best[k] for k in layout}, "seq_len": best["traced_seq_len"],
+                              "device_bytes_per_rank": best["traced_peak_bytes"],
+                              "host_bytes_per_rank": best["traced_host_bytes"], "confirmed": best["confirmed"]}
     if args.out:
         out = Path(args.out)
         write_json(out / "plan.json", document)
@@ -212,16 +223,21 @@ def _comparison(traced: dict[str, Any], analytic: Any) -> Table:
     return table
 
 
-def _candidates(found: list[Any], budget_gib: float) -> Table:
+def _candidates(found: list[Any], budget_gib: float, host_budget_gib: float | None) -> Table:
     from lsys.metrics import format_bytes
 
-    table = Table(title=f"longest sequence within {budget_gib:g} GiB per rank (best first)", title_justify="left")
-    for column in ("dp", "ring", "ulysses", "tp", "recompute", "quant", "analytic max seq", "traced max seq",
-                   "traced peak"):
+    host = "" if host_budget_gib is None else f" and {host_budget_gib:g} GiB of host memory"
+    table = Table(title=f"longest sequence within {budget_gib:g} GiB per rank{host} (best first)",
+                  title_justify="left")
+    for column in ("dp", "ring", "ulysses", "tp", "recompute", "quant", "offload", "state", "MLP tile",
+                   "analytic max seq", "traced max seq", "traced peak", "traced host"):
         table.add_column(column, justify="right")
     for c in found:
         d = c.describe()
-        peak = format_bytes(d["traced_peak_bytes"]) + ("" if d["confirmed"] else " (line)")
+        line = "" if d["confirmed"] else " (line)"
         table.add_row(str(d["dp"]), str(d["cp_ring"]), str(d["cp_ulysses"]), str(d["tp"]), d["recompute"], d["quant"],
-                      f"{d['analytic_seq_len']:,}", f"{d['traced_seq_len']:,}", peak)
+                      d["offload"], "host" if d["fsdp_offload"] != "none" else "device",
+                      f"{d['mlp_chunk_tokens']:,}" if d["mlp_chunk_tokens"] else "-", f"{d['analytic_seq_len']:,}",
+                      f"{d['traced_seq_len']:,}", format_bytes(d["traced_peak_bytes"]) + line,
+                      format_bytes(d["traced_host_bytes"]) + line)
     return table

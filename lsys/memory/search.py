@@ -1,18 +1,23 @@
-"""The longest sequence that fits a per-rank memory budget (`lsys plan --budget-gib`).
+"""The longest sequence that fits a per-rank memory budget (`lsys plan --budget-gib [--host-budget-gib]`).
 
 Candidates are every way to tile the world with the parallel degrees (ring x Ulysses x tensor x data parallel,
-heads split whole), times recomputation (none, selective, full) and stored activations (16-bit, int8). Memory
-grows linearly with the sequence for a fixed layout (flash attention stores no score matrix), so:
-  1. the analytic estimate gives each candidate's longest sequence at once, and ranks them (one per class of
-     data/tensor degree, recomputation and quantization: it cannot tell ring from Ulysses);
-  2. the best few are traced at that length and at half of it: two points give the traced line, which gives the
-     traced longest sequence;
+heads split whole), times recomputation (none, selective, full), stored activations (16-bit, int8) and the
+feed-forward tiled or not (model.mlp_chunk_tokens, MLP_CHUNK_TOKENS unless the config sets it); with a host
+budget also activation offload (recompute.offload) and the model state in host memory (parallel.fsdp_offload).
+Device and host memory both grow linearly with the sequence for a fixed layout (flash attention stores no score
+matrix), so:
+  1. the analytic estimate gives each candidate's longest sequence at once (the shorter of the device's and the
+     host's), and ranks them (one per class of data/tensor degree and memory options: it cannot tell ring from
+     Ulysses);
+  2. the best few are traced at that length and at half of it: two points give the traced lines, device and
+     host, which give the traced longest sequence;
   3. the winner is traced once more at its length to confirm it fits.
 Data parallelism is bounded by train.global_batch_size (each replica needs whole sequences).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +29,7 @@ from lsys.memory.trace import trace_rank
 from parallel.config import check_model_split
 
 RECOMPUTE_COST = {"none": 0, "selective": 1, "full": 2}  # extra compute, for ordering equally long candidates
+MLP_CHUNK_TOKENS = 8192  # the feed-forward tile tried when the config has none (a tile of this size keeps matmuls long)
 GIB = 1024**3
 CONFIRM_ATTEMPTS = 3
 NODE_GPUS = 8
@@ -32,28 +38,43 @@ Progress = Callable[[str, int, int], None]
 
 
 @dataclass
+class Budget:
+    """Bytes per rank: on the device, and in host memory (None: nothing may be offloaded)."""
+
+    device: int
+    host: int | None = None
+
+
+@dataclass
 class Candidate:
     cfg: LsysConfig
     analytic_seq_len: int
     traced_seq_len: int = 0
     traced_peak_bytes: int = 0
+    traced_host_bytes: int = 0
     confirmed: bool = False
 
     def describe(self) -> dict:
-        p = self.cfg.parallel
+        c = self.cfg
+        p = c.parallel
         return {"dp": p.dp, "cp_ring": p.cp_ring, "cp_ulysses": p.cp_ulysses, "tp": p.tp,
-                "recompute": self.cfg.recompute.mode, "quant": self.cfg.quant.activations,
+                "recompute": c.recompute.mode, "quant": c.quant.activations, "offload": c.recompute.offload,
+                "fsdp_offload": p.fsdp_offload, "mlp_chunk_tokens": c.model.mlp_chunk_tokens,
                 "analytic_seq_len": self.analytic_seq_len, "traced_seq_len": self.traced_seq_len,
-                "traced_peak_bytes": self.traced_peak_bytes, "confirmed": self.confirmed}
+                "traced_peak_bytes": self.traced_peak_bytes, "traced_host_bytes": self.traced_host_bytes,
+                "confirmed": self.confirmed}
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg: LsysConfig, world_size: int) -> list[LsysConfig]:
-    """Every valid (degrees, recompute, quant) variant of `cfg` on `world_size` ranks (sequence length unset)."""
+def layouts(cfg: LsysConfig, world_size: int, host: bool = False) -> list[LsysConfig]:
+    """Every valid (degrees, recompute, quant, tiling; with `host` offload too) variant of `cfg` on `world_size`
+    ranks (sequence length unset)."""
     m, found = cfg.model, []
+    tiles = (m.mlp_chunk_tokens,) if m.mlp_chunk_tokens else (0, MLP_CHUNK_TOKENS)
+    states = ("none", "cpu") if host else (cfg.parallel.fsdp_offload,)
     widths = {"hidden_size": m.hidden_size, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
               "ffn_hidden_size": ffn_hidden_size(m)}
     for tp in _divisors(world_size):
@@ -63,11 +84,16 @@ def layouts(cfg: LsysConfig, world_size: int) -> list[LsysConfig]:
                 splits = _accepts(check_model_split, **widths, cp_ulysses=ulysses, tp=tp)
                 if cfg.train.global_batch_size % dp or not splits:
                     continue
-                parallel = replace(cfg.parallel, dp=dp, cp_ring=ring, cp_ulysses=ulysses, tp=tp)
-                for mode in RECOMPUTE_COST:
+                for mode, state, tile in itertools.product(RECOMPUTE_COST, states, tiles):
+                    parallel = replace(cfg.parallel, dp=dp, cp_ring=ring, cp_ulysses=ulysses, tp=tp,
+                                       fsdp_offload=state)
+                    # Offload moves what recomputation keeps; without it there is nothing to move.
+                    offloads = ("none", "cpu") if host and mode != "none" else ("none",)
                     # int8 compresses what a block stores; full recomputation stores only the block's input
-                    for quant in ("none",) if mode == "full" else ("none", "int8"):
-                        found.append(replace(cfg, parallel=parallel, recompute=replace(cfg.recompute, mode=mode),
+                    for quant, offload in itertools.product(("none",) if mode == "full" else ("none", "int8"),
+                                                            offloads):
+                        found.append(replace(cfg, parallel=parallel, model=replace(m, mlp_chunk_tokens=tile),
+                                             recompute=replace(cfg.recompute, mode=mode, offload=offload),
                                              quant=replace(cfg.quant, activations=quant)))
     return found
 
@@ -80,13 +106,30 @@ def _longest(intercept: float, slope: float, budget: int, step: int) -> int:
     return int((budget - intercept) / slope // step * step) if slope > 0 and budget > intercept else 0
 
 
-def _analytic_longest(cfg: LsysConfig, world_size: int, vocab: int, budget: int) -> int:
+def _fitting(near: int, far: int, device: tuple[int, int], host: tuple[int, int], budget: Budget,
+             step: int) -> int:
+    """The longest multiple of `step` under the budget, from the (near, far) points of the device and the host
+    lines (bytes at `near` and `far` tokens); 0 when nothing fits."""
+    if budget.host is None and host[1] > 0:
+        return 0  # it offloads, but no host memory was offered
+    limits = [(device, budget.device)] + ([(host, budget.host)] if budget.host is not None else [])
+    longest = []
+    for (low, high), limit in limits:
+        slope = (high - low) / (far - near)
+        if slope <= 0:  # does not grow with the sequence (the host's state alone): it fits or it does not
+            if high > limit:
+                return 0
+            continue
+        longest.append(_longest(high - slope * far, slope, limit, step))
+    return min(longest, default=0)
+
+
+def _analytic_longest(cfg: LsysConfig, world_size: int, vocab: int, budget: Budget) -> int:
     step = cfg.parallel.seq_granularity
     # Two lengths past the loss chunk (beyond it the chunked loss no longer grows): the estimate is a line there.
     near = step * math.ceil(max(2 * cfg.train.loss_chunk_tokens * cfg.parallel.cp, step) / step)
-    low = analytic_estimate(with_seq_len(cfg, near), world_size, vocab).total
-    slope = (analytic_estimate(with_seq_len(cfg, 2 * near), world_size, vocab).total - low) / near
-    return _longest(low - slope * near, slope, budget, step)
+    low, high = (analytic_estimate(with_seq_len(cfg, n), world_size, vocab) for n in (near, 2 * near))
+    return _fitting(near, 2 * near, (low.total, high.total), (low.host, high.host), budget, step)
 
 
 def _accepts(check: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
@@ -105,88 +148,104 @@ class _Traces:
     def __init__(self, world_size: int, progress: Progress, planned: int):
         self.world_size, self.progress, self.planned, self.done = world_size, progress, planned, 0
 
-    def peak(self, cfg: LsysConfig, seq_len: int, what: str) -> int:
+    def peak(self, cfg: LsysConfig, seq_len: int, what: str) -> tuple[int, int]:
+        """(device peak, host peak) bytes of one rank at `seq_len`."""
         self.planned = max(self.planned, self.done + 1)
         self.progress(what, self.done, self.planned)
-        peak = trace_rank(with_seq_len(cfg, seq_len), self.world_size).peak_bytes
+        usage = trace_rank(with_seq_len(cfg, seq_len), self.world_size)
         self.done += 1
-        return peak
+        return usage.peak_bytes, usage.host_peak_bytes
 
     def finished(self) -> None:
         self.progress("done", self.done, self.done)
 
 
-def search(cfg: LsysConfig, world_size: int, budget_bytes: int, vocab: int, top: int = 3,
+def search(cfg: LsysConfig, world_size: int, budget: Budget, vocab: int, top: int = 3,
            progress: Progress = lambda what, done, planned: None) -> list[Candidate]:
-    """The `top` candidates with the longest traced sequence under `budget_bytes` per rank, best first.
+    """The `top` candidates with the longest traced sequence under the per-rank `budget`, best first.
     Raises ValueError when no layout fits even the shortest sequence."""
-    ranked, variants = [], layouts(cfg, world_size)
+    ranked, variants = [], layouts(cfg, world_size, host=budget.host is not None)
     for variant in variants:
-        longest = _analytic_longest(variant, world_size, vocab, budget_bytes)
+        longest = _analytic_longest(variant, world_size, vocab, budget)
         if longest and _accepts(validate, with_seq_len(variant, longest), world_size):
             ranked.append(Candidate(variant, longest))
     if not ranked:
         smallest = min((analytic_estimate(with_seq_len(v, 0), world_size, vocab).total for v in variants), default=0)
-        raise ValueError(f"--budget-gib {budget_bytes / GIB:g}: no layout of {world_size} ranks fits even the shortest "
-                         f"sequence; the model state alone needs {smallest / GIB:.2f} GiB per rank at best. Raise "
-                         "the budget or the number of ranks, or offload the optimizer (optim.offload=cpu)")
+        raise ValueError(f"--budget-gib {budget.device / GIB:g}: no layout of {world_size} ranks fits even the "
+                         f"shortest sequence; the model state alone needs {smallest / GIB:.2f} GiB per rank at best. "
+                         "Raise the budget or the number of ranks, or give host memory to offload to "
+                         "(--host-budget-gib)")
     ranked.sort(key=_preference)
     chosen, classes = [], set()
     for candidate in ranked:  # one per class: the analytic estimate does not tell ring from Ulysses
-        p = candidate.cfg.parallel
-        key = (p.dp, p.tp, candidate.cfg.recompute.mode, candidate.cfg.quant.activations)
+        c = candidate.cfg
+        key = (c.parallel.dp, c.parallel.tp, c.recompute.mode, c.quant.activations, c.recompute.offload,
+               c.parallel.fsdp_offload, c.model.mlp_chunk_tokens)
         if key not in classes and len(chosen) < top:
             classes.add(key)
             chosen.append(candidate)
     traces = _Traces(world_size, progress, 2 * len(chosen) + 1)
     for index, candidate in enumerate(chosen):
-        _trace_line(candidate, budget_bytes, traces, f"{index + 1}/{len(chosen)}")
-    chosen.sort(key=lambda c: (-c.traced_seq_len, RECOMPUTE_COST[c.cfg.recompute.mode]))
-    _confirm(chosen[0], budget_bytes, traces)
+        _trace_line(candidate, budget, traces, f"{index + 1}/{len(chosen)}")
+    chosen.sort(key=lambda c: (-c.traced_seq_len, _cost(c.cfg)))
+    _confirm(chosen[0], budget, traces)
     traces.finished()
     if not chosen[0].confirmed:
-        raise ValueError(f"--budget-gib {budget_bytes / GIB:g}: the traced memory of the best layouts exceeds the "
+        raise ValueError(f"--budget-gib {budget.device / GIB:g}: the traced memory of the best layouts exceeds the "
                          "budget even at the shortest sequence; raise the budget or the number of ranks")
     return chosen
+
+
+def _cost(cfg: LsysConfig) -> tuple:
+    """What a layout costs besides memory, for ordering equally long candidates: recomputation, then copies to
+    and from the host, then int8 rounding, then smaller feed-forward matmuls."""
+    return (RECOMPUTE_COST[cfg.recompute.mode], cfg.recompute.offload != "none", cfg.parallel.fsdp_offload != "none",
+            cfg.quant.activations != "none", cfg.model.mlp_chunk_tokens != 0)
 
 
 def _preference(candidate: Candidate) -> tuple:
     """Longest analytic sequence first; then less recomputation, no quantization, less tensor parallelism, and
     Ulysses over the (at most 8) GPUs of a node with the ring across nodes, the usual hybrid layout."""
     p = candidate.cfg.parallel
-    return (-candidate.analytic_seq_len, RECOMPUTE_COST[candidate.cfg.recompute.mode],
-            candidate.cfg.quant.activations != "none", p.tp, p.cp_ulysses * p.tp > NODE_GPUS, -p.cp_ulysses)
+    return (-candidate.analytic_seq_len, *_cost(candidate.cfg), p.tp, p.cp_ulysses * p.tp > NODE_GPUS,
+            -p.cp_ulysses)
 
 
-def _trace_line(candidate: Candidate, budget: int, traces: _Traces, label: str) -> None:
-    """Trace at the analytic length and half of it; the line through both gives the traced longest sequence."""
+def _trace_line(candidate: Candidate, budget: Budget, traces: _Traces, label: str) -> None:
+    """Trace at the analytic length and half of it; the lines through both (device and host) give the traced
+    longest sequence."""
     step = candidate.cfg.parallel.seq_granularity
     far = max(2 * step, candidate.analytic_seq_len)
     near = max(step, far // 2 // step * step)
     what = f"candidate {label} ({_layout(candidate.cfg)})"
     high = traces.peak(candidate.cfg, far, f"{what} at {far:,} tokens")
     low = traces.peak(candidate.cfg, near, f"{what} at {near:,} tokens")
-    slope = (high - low) / (far - near)
-    candidate.traced_seq_len = _longest(high - slope * far, slope, budget, step)
-    candidate.traced_peak_bytes = round(high + slope * (candidate.traced_seq_len - far))
+    longest = _fitting(near, far, (low[0], high[0]), (low[1], high[1]), budget, step)
+    candidate.traced_seq_len = longest
+    candidate.traced_peak_bytes, candidate.traced_host_bytes = (
+        round(h + (h - lo) / (far - near) * (longest - far)) for lo, h in zip(low, high, strict=True))
 
 
 def _layout(cfg: LsysConfig) -> str:
     p = cfg.parallel
+    extras = [f"{name} offload" for name, on in (("activation", cfg.recompute.offload != "none"),
+                                                 ("state", p.fsdp_offload != "none")) if on]
+    if cfg.model.mlp_chunk_tokens:
+        extras.append(f"MLP tiles of {cfg.model.mlp_chunk_tokens:,}")
     return (f"dp {p.dp} x ring {p.cp_ring} x ulysses {p.cp_ulysses} x tp {p.tp}, {cfg.recompute.mode} recompute, "
-            f"{cfg.quant.activations} activations")
+            f"{cfg.quant.activations} activations" + "".join(f", {e}" for e in extras))
 
 
-def _confirm(candidate: Candidate, budget: int, traces: _Traces) -> None:
-    """Trace the winner at its length; step down while it does not fit (the line is exact up to rounding)."""
+def _confirm(candidate: Candidate, budget: Budget, traces: _Traces) -> None:
+    """Trace the winner at its length; step down while it does not fit (the lines are exact up to rounding)."""
     step = candidate.cfg.parallel.seq_granularity
     for _ in range(CONFIRM_ATTEMPTS):
         if candidate.traced_seq_len < step:
             return
-        peak = traces.peak(candidate.cfg, candidate.traced_seq_len,
-                           f"confirming {candidate.traced_seq_len:,} tokens")
-        candidate.traced_peak_bytes = peak
-        if peak <= budget:
+        device, host = traces.peak(candidate.cfg, candidate.traced_seq_len,
+                                   f"confirming {candidate.traced_seq_len:,} tokens")
+        candidate.traced_peak_bytes, candidate.traced_host_bytes = device, host
+        if device <= budget.device and (budget.host is None or host <= budget.host):
             candidate.confirmed = True
             return
         candidate.traced_seq_len -= step

@@ -66,11 +66,11 @@ def test_megatron_formula_with_the_context_parallel_term():
 
 
 def _search(values: dict[str, Any], world_size: int, budget: int) -> dict[str, Any]:
-    from lsys.memory.search import search, with_seq_len
+    from lsys.memory.search import Budget, search, with_seq_len
     from lsys.memory.trace import trace_rank
 
     cfg = config_from_dict(values)
-    found = search(cfg, world_size, budget, VOCAB, top=2)
+    found = search(cfg, world_size, Budget(budget), VOCAB, top=2)
     best = found[0]
     longer = with_seq_len(best.cfg, best.traced_seq_len + best.cfg.parallel.seq_granularity)
     return {"candidates": [c.describe() for c in found], "longer_peak": trace_rank(longer, world_size).peak_bytes}
