@@ -16,6 +16,12 @@ from torch import Tensor
 
 def peak_allocated(step: Callable[[], None]) -> int:
     """Peak net bytes allocated (allocations minus frees) while `step` runs, on top of what was live before."""
+    return allocation_totals(step)[0]
+
+
+def allocation_totals(step: Callable[[], None]) -> tuple[int, int]:
+    """(peak, net) bytes allocated while `step` runs: the running total's maximum, and what is still live after it
+    of what it allocated (frees of memory allocated before it are not seen)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -33,7 +39,7 @@ def peak_allocated(step: Callable[[], None]) -> int:
     for _, size in sorted(allocations):
         live += size
         peak = max(peak, live)
-    return peak
+    return peak, live
 
 
 def saved_bytes_of(forward: Callable[[], Tensor]) -> tuple[Tensor, int]:
