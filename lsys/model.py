@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention as local_attention
 from lsys.config import ModelConfig, ffn_hidden_size, head_dim
+from lsys.norm import rms_norm
 from lsys.rope import apply_rope, inverse_frequencies, rope_tables
 from lsys.tiling import sequence_tiled
 from parallel.plan import BlockPlan, ParallelPlan, Split, TensorSplit
@@ -34,10 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in at least fp32: bf16 squares lose the small components that set the scale.
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(wide.dtype)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # in at least fp32, keeping only x and a statistic per row
 
 
 class Attention(nn.Module):

@@ -44,6 +44,11 @@ class PlannedStore:
              wire_dtype: torch.dtype) -> None:
         self.sizes, self.wire_dtype = [m.numel() for m in masters], wire_dtype
 
+    def host_bytes(self) -> int:
+        """What the real store holds for this rank in host memory on its node: fp32 master weights and two
+        fp32 moments per element (DeepSpeed's CPU Adam)."""
+        return 12 * sum(self.sizes)
+
     def put_grad(self, bucket: int, grad: Tensor) -> None:
         pass
 
@@ -142,5 +147,8 @@ def trace_rank(cfg: LsysConfig, world_size: int) -> MemoryUsage:
             work.probe = tracker
             with tracker:
                 _step(work, cfg, mesh)
-    return tracker.usage()
+    usage = tracker.usage()
+    if store is not None:  # the optimizer actors beside this rank hold its offloaded state in host memory
+        usage = replace(usage, host_peak_bytes=usage.host_peak_bytes + store.host_bytes())
+    return usage
 
