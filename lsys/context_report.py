@@ -93,18 +93,18 @@ def _entry(run: dict[str, Any], key: str) -> dict[str, Any]:
 def plot_needles(runs: list[dict[str, Any]], path: Path) -> None:
     """One heatmap per run: rows are lengths (longest on top), columns depths, each cell's accuracy written in."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + 4.2 * len(runs), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + 4.2 * len(runs), 3.6), squeeze=False, sharey=True)
+    axes[0][0].set_ylabel("context length (tokens)")
     for ax, run in zip(axes[0], runs, strict=True):
         grid = run["needle"]
         image = ax.imshow(grid["accuracy"], vmin=0.0, vmax=1.0, cmap="RdYlGn", origin="lower", aspect="auto")
         ax.set_xticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
         ax.set_yticks(range(len(grid["lengths"])), [f"{n:,}" for n in grid["lengths"]])
         ax.set_xlabel("needle depth")
-        ax.set_ylabel("context length (tokens)")
         for i, row in enumerate(grid["accuracy"]):
             for j, value in enumerate(row):
                 ax.text(j, i, "-" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
-        if run["seq_len"] in grid["lengths"]:  # the trained length, where the model was taught
+        if run["seq_len"] in grid["lengths"][:-1]:  # data.seq_len (for a run: the trained length), below the longest
             ax.axhline(grid["lengths"].index(run["seq_len"]) + 0.5, color="black", lw=1, ls="--")
         ax.set_title(f"{run['name']} (step {run['step']})", fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="retrieval accuracy", shrink=0.9)
@@ -121,7 +121,7 @@ def plot_position_loss(runs: list[dict[str, Any]], path: Path) -> None:
         middles = [(a + b) / 2 for a, b in zip(p["edges"][:-1], p["edges"][1:], strict=True)]
         ax.plot(middles, p["bits_per_byte"] if bits else p["loss"], marker="o", ms=3,
                 label=f"{run['name']} (step {run['step']}, {p['seq_len']:,} tokens)")
-    ax.set_xlabel("position in the document (tokens)")
+    ax.set_xlabel("position (tokens from the start of the sequence, or of its document)")
     ax.set_ylabel("bits per byte" if bits else "loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
