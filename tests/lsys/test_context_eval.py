@@ -104,3 +104,24 @@ def test_text_needle_and_position_loss_add_up_to_the_held_out_loss(text_run, tmp
     mean = sum(x * n for x, n in zip(buckets["loss"], buckets["tokens"], strict=True)) / sum(buckets["tokens"])
     assert mean == pytest.approx(loss, rel=1e-9)
     assert all(math.isfinite(b) for b in buckets["bits_per_byte"])
+
+
+@pytest.mark.slow
+def test_recall_by_pairs_of_a_run_and_of_its_huggingface_export_agree(tmp_path):
+    mqar = ["data.task=mqar", "data.seq_len=64", "data.mqar.num_pairs=4", "data.mqar.num_queries=4"]
+    trained = lsys("train", "configs/demo.yaml", *TINY, *mqar, "parallel.dp=1", "parallel.cp_ring=1",
+                   f"train.run_dir={tmp_path / 'run'}")
+    assert trained.returncode == 0, trained.stderr
+    exported = lsys("export", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    recalls = []
+    for target, extra in ((tmp_path / "run", []), (tmp_path / "hf", mqar)):
+        out = tmp_path / f"out-{target.name}"
+        result = lsys("eval", str(target), *extra, "parallel.dp=1", "parallel.cp_ring=1", "--out", str(out),
+                      "--samples", "8")
+        assert result.returncode == 0, result.stderr
+        (run,) = json.loads((out / "recall.json").read_text())["runs"]
+        assert run["pairs"] == [1, 2, 4, 8] and all(0.0 <= r <= 1.0 for r in run["recall_accuracy"])
+        assert (out / "recall.png").exists() and not (out / "needle.json").exists()  # mqar has no needle
+        recalls.append(run["recall_accuracy"])
+    assert recalls[0] == pytest.approx(recalls[1], abs=1e-12)  # the same weights, read from either
