@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from launch import exits, memory_cli, preflight, ray_cli
+from launch import eval_cli, exits, memory_cli, preflight, ray_cli
 
 if TYPE_CHECKING:
     from lsys.config import LsysConfig
@@ -37,18 +37,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate a run's checkpoint, or a pretrained model, on local ranks without training",
-        description="Evaluate on N local ranks without training, and print the result as one JSON line: the "
-                    "newest usable checkpoint of train.run_dir (with checkpoint.resume, the default), else the "
-                    "weights of model.pretrained. Any length and layout: e.g. a model trained at 4K evaluated at "
-                    "32K over ring ranks. Writes nothing. " + CONFIG_HELP,
+        help="evaluate a run, a HuggingFace model or a config's run on local ranks without training",
+        description="Evaluate on N local ranks without training. TARGET is a run directory (its config.yaml and "
+                    "newest usable checkpoint), a HuggingFace model directory (config.json and safetensors; give "
+                    "the data.* keys of the task to evaluate it on), or a config file (the newest usable checkpoint "
+                    "of its train.run_dir, else the weights of model.pretrained). Any length and layout: e.g. a "
+                    "model trained at 4K evaluated at 32K over ring ranks. Without --out: print the task's held-out "
+                    "metric as one JSON line and write nothing. With --out DIR: a needle-in-a-haystack grid, loss "
+                    "by position and recall by pairs, as JSON, pictures and a table; several TARGETs (before and "
+                    "after context extension) share the pictures. " + CONFIG_HELP,
     )
-    _add_rank_arguments(p)
+    _add_rank_arguments(p, target="TARGET", target_help="a run directory, a HuggingFace model directory or a YAML "
+                        "config file; with --out, more TARGETs may follow")
+    eval_cli.add_grid_arguments(p)
     p.set_defaults(handler=_eval)
 
 
-def _add_rank_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/demo.yaml")
+def _add_rank_arguments(p: argparse.ArgumentParser, target: str = "CONFIG",
+                        target_help: str = "YAML config file, e.g. configs/demo.yaml") -> None:
+    p.add_argument("config", metavar=target, help=target_help)
     p.add_argument("overrides", metavar="OVERRIDE", nargs="*", help="key=value config overrides")
     p.add_argument("--nproc", type=int, default=1,
                    help="number of local ranks to start (default 1). Under torchrun or another launcher that "
@@ -187,15 +194,56 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _eval(args: argparse.Namespace, console: Console) -> int:
     from lsys.trainer import evaluate, evaluate_from_dict
 
+    targets = [args.config, *(item for item in args.overrides if "=" not in item)]
+    overrides = [item for item in args.overrides if "=" in item]
     try:
-        cfg, world, launched_elsewhere = _config_for_ranks(args)
-        preflight.check_evaluation(cfg, world, local_ranks=1 if launched_elsewhere else args.nproc)
+        if len(targets) > 1 and not args.out:
+            raise ValueError(f"{targets[1]}: several TARGETs are compared in the pictures of --out; add --out DIR, "
+                             "or give one TARGET")
+        runs = []
+        for target in targets:
+            config, implied = eval_cli.resolve_target(target)
+            cfg, world, launched_elsewhere = _config_for_ranks(
+                argparse.Namespace(**{**vars(args), "config": config, "overrides": [*implied, *overrides]}))
+            preflight.check_evaluation(cfg, world, local_ranks=1 if launched_elsewhere else args.nproc)
+            runs.append((target, cfg, launched_elsewhere, eval_cli.grid_from_args(args, cfg) if args.out else None))
+        if args.out:
+            preflight.check_output_dir(args.out, "--out")
     except ValueError as exc:
         return exits.invalid_input(console, exc)
-    code, result = _run_ranks(args, console, cfg, launched_elsewhere, evaluate, evaluate_from_dict)
-    if not code and result is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
-    return code
+    if not args.out:
+        _, cfg, launched_elsewhere, _ = runs[0]
+        code, result = _run_ranks(args, console, cfg, launched_elsewhere, evaluate, evaluate_from_dict)
+        if not code and result is not None and int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        return code
+    return _eval_grid(args, console, runs)
+
+
+def _eval_grid(args: argparse.Namespace, console: Console, runs: list[tuple[str, LsysConfig, bool, dict]]) -> int:
+    """`lsys eval --out`: each TARGET's grid on the ranks in turn, then the reports of all of them."""
+    from functools import partial
+    from pathlib import Path
+
+    from lsys.context_eval import run_grid, run_grid_from_dict
+    from lsys.context_report import summary_table, write_reports
+
+    results = []
+    for target, cfg, launched_elsewhere, grid in runs:
+        console.print(f"lsys: evaluating {target}", highlight=False)
+        code, result = _run_ranks(args, console, cfg, launched_elsewhere, partial(run_grid, grid=grid),
+                                  partial(run_grid_from_dict, grid=grid))
+        if code:
+            return code
+        results.append({"name": target, **result})
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    written = write_reports(results, Path(args.out))
+    console.print(summary_table(results))
+    print(json.dumps({"out": args.out, "files": [str(p) for p in written],
+                      "runs": [{"name": r["name"], "step": r["step"], "eval_wall_s": round(r["eval_wall_s"], 2)}
+                               for r in results]}))
+    return 0
 
 
 def _prepare_data(args: argparse.Namespace, console: Console) -> int:

@@ -48,6 +48,21 @@ def check_run_dir(run_dir: str, key: str = "train.run_dir") -> None:
         _writable(path / "checkpoints", key, run_dir)
 
 
+def check_output_dir(directory: str, key: str) -> None:
+    """A directory for results (`lsys eval --out`): one, or one that can be made, that this user can write."""
+    path = Path(directory)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{key}={directory!r}: {path} is a dangling symbolic link; remove it or choose another {key}")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key}={directory!r}: {path} exists and is not a directory; choose another {key}")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{key}={directory!r}: {existing} is not a directory; choose another {key}")
+    _writable(existing, key, directory)
+
+
 def check_memory(cfg: LsysConfig, world_size: int, local_ranks: int, vocab_size: int) -> None:
     """CPU ranks share this machine's memory: refuse a run whose model states and stored activations alone (the
     analytic estimate, a lower bound of what a step holds) exceed it, instead of letting the ranks die of it."""

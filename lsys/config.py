@@ -111,6 +111,7 @@ class PasskeyConfig:
     key_vocab: int = 10
     filler_vocab: int = 16
     pack: int = 1  # samples per sequence, each its own document of seq_len / pack tokens
+    depth: float | None = None  # the key block after this share (0..1) of the filler; null: random per sample
 
 
 @dataclass

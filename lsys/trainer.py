@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
-from lsys.data import Batch, EvalTotals, configured_task, model_vocabulary
+from lsys.data import Batch, EvalTotals, Task, configured_task, model_vocabulary
 from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
 from lsys.model import Transformer, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
@@ -163,22 +163,38 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out metric of the task over train.eval_samples validation sequences, split over dp ranks."""
-        self.model.eval()
-        ids = list(range(self.mesh.dp_rank, self.cfg.train.eval_samples, self.mesh.dp_size))
-        totals = EvalTotals()
+        totals = self.evaluate_task(self.task, self.cfg.train.eval_samples)
+        return {"loss": totals.loss, self.task.metric_name: totals.metric(self.task.metric_name)}
+
+    def eval_shares(self, num_samples: int) -> list[list[int]]:
+        """This data-parallel rank's share of sample ids 0..num_samples-1, in micro-batches."""
+        ids = list(range(self.mesh.dp_rank, num_samples, self.mesh.dp_size))
+        return [ids[i:i + self.micro_batch] for i in range(0, len(ids), self.micro_batch)]
+
+    @torch.no_grad()
+    def predict(self, full: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """full: [B, S], the same on every rank of a context-parallel group -> argmax predictions [B, S] int64 and
+        per-token losses [B, S], gathered whole on every such rank (CPU). Call with the model in eval mode."""
         layout = self.cfg.parallel.cp_layout
-        for i in range(0, len(ids), self.micro_batch):
-            full = self.task.batch(ids[i:i + self.micro_batch], split="valid")
-            local = shard_batch(full, self.mesh, layout)
-            losses, predictions = self.work.token_losses(local)
-            predictions = gather_sequence(predictions, local, self.mesh, layout).cpu()
-            token_losses = gather_sequence(losses, local, self.mesh, layout).cpu()
-            totals = totals + self.task.eval_totals(full, predictions, token_losses)
+        local = shard_batch(full, self.mesh, layout)
+        losses, predictions = self.work.token_losses(local)
+        return (gather_sequence(predictions, local, self.mesh, layout).cpu(),
+                gather_sequence(losses, local, self.mesh, layout).cpu())
+
+    @torch.no_grad()
+    def evaluate_task(self, task: Task, num_samples: int, split: str = "valid") -> EvalTotals:
+        """`task`'s totals over samples 0..num_samples-1 of `split`, summed over the data-parallel ranks (every
+        rank gets them). Any task the model's vocabulary covers: the needle grid of `lsys eval` passes its own."""
+        self.model.eval()
+        totals = EvalTotals()
+        for ids in self.eval_shares(num_samples):
+            full = task.batch(ids, split=split)
+            predictions, token_losses = self.predict(full)
+            totals = totals + task.eval_totals(full, predictions, token_losses)
         summed = totals.to_tensor().to(self.device)
         dist.all_reduce(summed, group=self.mesh.dp_group)
-        totals = EvalTotals.from_tensor(summed.cpu())
         self.model.train()
-        return {"loss": totals.loss, self.task.metric_name: totals.metric(self.task.metric_name)}
+        return EvalTotals.from_tensor(summed.cpu())
 
     # -- the run ----------------------------------------------------------------------------------------
 
@@ -315,10 +331,16 @@ def evaluate(cfg: LsysConfig) -> dict[str, Any]:
     checkpoint.resume finds one, else the initial weights (model.pretrained's); returns {"step", "split", loss,
     the task's metric}. Writes nothing."""
     with distributed_session(cfg.train.device, cfg.train.collective_timeout_s) as session:
-        validate_for_world(cfg, session.world_size)
-        trainer = Trainer(cfg, session)
-        step = trainer._resume("evaluating")
+        trainer, step = evaluating_trainer(cfg, session)
         return {"step": step, "split": "valid", "seq_len": cfg.data.seq_len, **trainer.evaluate()}
+
+
+def evaluating_trainer(cfg: LsysConfig, session: Session) -> tuple[Trainer, int]:
+    """The trainer `evaluate` builds (the same model building, layouts and checkpoint choice as training),
+    loaded with what it evaluates; -> (trainer, the checkpoint's step or 0)."""
+    validate_for_world(cfg, session.world_size)
+    trainer = Trainer(cfg, session)
+    return trainer, trainer._resume("evaluating")
 
 
 def train_from_dict(values: dict[str, Any]) -> dict[str, Any]:

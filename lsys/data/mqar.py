@@ -70,6 +70,11 @@ class MqarTask(PackableTask):
         self._loss_mask = torch.zeros(piece, dtype=torch.bool)
         self._loss_mask[piece - 2 * self.num_queries :: 2] = True
 
+    def pairs_task(self, num_pairs: int) -> MqarTask:
+        """This task with `num_pairs` bindings, every key asked once (unpacked, at this length)."""
+        return MqarTask(self.seq_len, self.seed, **{**self.options, "num_pairs": num_pairs, "num_queries": None,
+                                                    "pack": 1})
+
     def one_sample(self, index: int, split: str) -> dict[str, torch.Tensor]:
         gen = sample_generator(self.seed, split, index)
         keys = torch.randperm(self.key_vocab, generator=gen)[: self.num_pairs] + FIRST_KEY

@@ -178,6 +178,9 @@ class Task(ABC):
     bytes_per_token: float = 0.0  # UTF-8 bytes per token for bits per byte; 0 where bytes mean nothing
     reads_dataset: ClassVar[bool] = False  # building it opens files (so the memory planner does not)
     packed: bool = False  # several documents per sequence: masks and restarted positions are then the default
+    # Every token is a target, so loss by position says whether later tokens gain from the context before them
+    # (synthetic tasks score only their answers).
+    scores_every_position: ClassVar[bool] = False
 
     def __init__(self, seq_len: int, seed: int, options: Mapping[str, Any]) -> None:
         self.seq_len = seq_len
@@ -248,6 +251,16 @@ class Task(ABC):
             self._shorter[length] = type(self)(length, self.seed, **self.options)
             self._shorter[length].set_documents(*self._documents)
         return self._shorter[length].batch(indices, split)
+
+    def needle_task(self, length: int, depth: float) -> Task | None:
+        """Needle in a haystack for `lsys eval`: a task of `length`-token samples, each one document hiding one
+        needle after `depth` (0..1) of its filler, scored by `passkey_accuracy`; None for a task without one."""
+        return None
+
+    def pairs_task(self, num_pairs: int) -> Task | None:
+        """Associative recall with `num_pairs` bindings at this length, scored by `recall_accuracy`; None for a
+        task without bindings."""
+        return None
 
     def eval_totals(self, batch: Batch, predictions: torch.Tensor, token_losses: torch.Tensor) -> EvalTotals:
         """Totals of one batch.

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from lsys.data._megatron import import_megatron_datasets
+from lsys.data.needle import TextNeedleTask
 from lsys.data.task import SPLITS, Batch, Task, check_int, option_error, take_options
+from lsys.data.tokenizer import ByteTokenizer, HFTokenizer
 from lsys.data.verify import check_cache_dir, check_text_dataset, check_text_inputs, default_cache_dir
 
 DEFAULTS = {
@@ -88,6 +90,7 @@ class TextTask(Task):
     metric_name = "bits_per_byte"
     reads_dataset = True
     packed = True
+    scores_every_position = True
 
     def __init__(self, seq_len: int, seed: int, **options: Any) -> None:
         super().__init__(seq_len, seed, options)
@@ -109,6 +112,7 @@ class TextTask(Task):
         _check_split(opts["split"])
         self.vocab_size = metadata[0]["vocab_size"]
         self.eod_id = metadata[0]["eod_id"]
+        self._tokenizer_path = metadata[0]["tokenizer_path"]  # None: the byte-level tokenizer
         shares = np.array(weights or [m["num_tokens"] for m in metadata], dtype=float)
         # Bytes per target: every token is one, except with document masks the EOD of each document.
         self._bytes_per_target = {
@@ -133,6 +137,16 @@ class TextTask(Task):
         curriculum does."""
         full = self.batch(indices, split)
         return Batch(*(getattr(full, f.name)[:, :length] for f in fields(full)))
+
+    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
+        """The tokenizer the dataset was prepared with (its metadata names it), ending documents as it did."""
+        if self._tokenizer_path is None:
+            return ByteTokenizer()
+        return HFTokenizer(self._tokenizer_path, eod_id=self.eod_id)
+
+    def needle_task(self, length: int, depth: float) -> TextNeedleTask:
+        """A needle sentence in this dataset's held-out text (lsys.data.needle), at any length."""
+        return TextNeedleTask(self, length, depth)
 
     @property
     def bytes_per_token(self) -> float:
