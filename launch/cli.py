@@ -239,11 +239,24 @@ def _eval_grid(args: argparse.Namespace, console: Console, runs: list[tuple[str,
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     written = write_reports(results, Path(args.out))
+    _pictures_to_tensorboard(written, Path(args.out), max(r["step"] for r in results))
     console.print(summary_table(results))
     print(json.dumps({"out": args.out, "files": [str(p) for p in written],
                       "runs": [{"name": r["name"], "step": r["step"], "eval_wall_s": round(r["eval_wall_s"], 2)}
                                for r in results]}))
     return 0
+
+
+def _pictures_to_tensorboard(written: list, out: Any, step: int) -> None:
+    """The grid's pictures in OUT/tensorboard too, as images at the evaluated step (`tensorboard --logdir`)."""
+    from lsys.config import LoggingConfig
+    from lsys.tracking import RunTracking
+
+    tracking = RunTracking(LoggingConfig(), out, 0, {})
+    for path in written:
+        if path.suffix == ".png":
+            tracking.image(f"eval/{path.stem}", path, step)
+    tracking.close()
 
 
 def _prepare_data(args: argparse.Namespace, console: Console) -> int:

@@ -63,6 +63,11 @@ def test_needle_grid_adds_up_and_ring_2_equals_one_rank(tmp_path):
                                             strict=True):
         assert sequences == 6 and 0 <= correct <= sequences and accuracy == correct / sequences
     assert (tmp_path / "one" / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "one" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("eval/needle")] == [4]  # the heatmap, at the evaluated step
     # 64 tokens (twice the trained length) split over the ring: the same answers and losses as on one rank.
     (ring_run,) = ring["runs"]
     assert ring_run["layout"]["cp"] == 2 and ring_run["correct"] == run["correct"]
