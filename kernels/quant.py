@@ -38,23 +38,12 @@ from kernels.quant_common import (
     prepare_quantize,
     uniform_from_index,
 )
+from kernels.slabs import worked_slabs
 
 BACKENDS = ("auto", "torch", "torch-rand", "triton")
 # The torch path works through the flat tensor in chunks so its int64 index / hash temporaries (512 KiB each)
 # stay in cache: ~50x faster on CPU than whole-tensor temporaries, and no 8-bytes-per-element memory spike.
 CHUNK = 1 << 16
-
-
-def worked_slabs(total: int, step: int, shapes_only: bool = False) -> list[int]:
-    """The starts of the slabs a quantize loop works through: every one, or with `shapes_only` the first, the
-    second and the last. A slab allocates the same temporaries as any other of its size while the previous
-    slab's are still held (its loop variables), so the first (nothing before it), the second (a full slab
-    before it) and the last (the only one that may be shorter) are every state the loop's memory passes
-    through: a tracker sees the same peak and breakdown. The codes of the slabs left out are not written."""
-    starts = list(range(0, total, step))
-    if shapes_only and len(starts) > 3:
-        return [starts[0], starts[1], starts[-1]]
-    return starts
 
 
 def torch_quantize_int8(

@@ -11,6 +11,7 @@ kernels (Apex, Liger) do (a slab of SLAB_BYTES in fp32; on a GPU its size keeps 
     r = 1 / sqrt(mean(x^2) + eps),  n = x r
     dw = sum over rows of dy * n,  dx = r (dy w - n mean(dy w n))
 
+Traced on fake tensors (`lsys plan`), only the slabs whose allocations differ run (kernels/slabs.py).
 Each row's forward is the same arithmetic as the plain formula (bit-identical); the backward is exact in float64
 (tests/lsys/test_norm.py). Tensors that are not plain (DTensors of tensor/sequence parallelism) take the plain
 autograd formula, whose sharding DTensor already handles.
@@ -21,6 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+
+from kernels.slabs import worked_slabs
+from parallel._compat import FakeTensor
 
 SLAB_BYTES = 256 * 2**20  # fp32 bytes per slab of rows: the only fp32 temporaries are a few slabs
 
@@ -51,7 +55,7 @@ class _RMSNorm(torch.autograd.Function):
         out = torch.empty_like(rows)
         rstd = torch.empty(rows.shape[0], 1, dtype=wide, device=x.device)
         w, step = weight.to(wide), _rows_per_slab(x.shape[-1])
-        for start in range(0, rows.shape[0], step):
+        for start in worked_slabs(rows.shape[0], step, isinstance(x, FakeTensor)):
             part = rows[start:start + step].to(wide)
             r = torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + eps)
             rstd[start:start + step] = r
@@ -67,7 +71,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(rows)
         dw = torch.zeros(x.shape[-1], dtype=wide, device=x.device)
         w, step = weight.to(wide), _rows_per_slab(x.shape[-1])
-        for start in range(0, rows.shape[0], step):
+        for start in worked_slabs(rows.shape[0], step, isinstance(x, FakeTensor)):
             r = rstd[start:start + step]
             normed = rows[start:start + step].to(wide) * r
             dy = grads[start:start + step].to(wide)

@@ -23,9 +23,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from kernels.slabs import worked_slabs
+from parallel._compat import FakeTensor
 
-def _pieces(length: int, chunk_tokens: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk_tokens, length)) for start in range(0, length, chunk_tokens)]
+
+def _pieces(length: int, chunk_tokens: int, x: Tensor) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk; traced on fake tensors only the chunks whose allocations differ
+    (kernels/slabs.py)."""
+    starts = worked_slabs(length, chunk_tokens, isinstance(x, FakeTensor))
+    return [(start, min(start + chunk_tokens, length)) for start in starts]
 
 
 class _SequenceTiled(torch.autograd.Function):
@@ -48,7 +54,7 @@ class _SequenceTiled(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[2] else None
         wanted = [p for p, needed in zip(ctx.params, ctx.needs_input_grad[3:], strict=True) if needed]
         sums: list[Tensor | None] = [None] * len(wanted)
-        for start, stop in _pieces(x.shape[1], ctx.chunk_tokens):
+        for start, stop in _pieces(x.shape[1], ctx.chunk_tokens, x):
             piece = x[:, start:stop].detach().requires_grad_(grad_x is not None)
             with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 out = ctx.fn(piece)  # [B, chunk, ...]: this chunk's intermediates, freed with its graph below
@@ -66,7 +72,7 @@ class _SequenceTiled(torch.autograd.Function):
 
 def _tiled(fn: Callable[[Tensor], Tensor], x: Tensor, chunk_tokens: int) -> Tensor:
     out = None
-    for start, stop in _pieces(x.shape[1], chunk_tokens):
+    for start, stop in _pieces(x.shape[1], chunk_tokens, x):
         piece = fn(x[:, start:stop])
         if out is None:  # the output's width and dtype are fn's (autocast, tensor-parallel partial sums)
             out = piece.new_empty((x.shape[0], x.shape[1], *piece.shape[2:]))
