@@ -200,8 +200,10 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
 def _prepare_data(args: argparse.Namespace, console: Console) -> int:
     from lsys.data import prepare_text_dataset
+    from lsys.packages import require
 
     try:
+        require("megatron.core", "lsys prepare-data", "writing an indexed dataset")
         stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod,
                                      pretrained=args.pretrained)
     except (ValueError, FileNotFoundError) as exc:

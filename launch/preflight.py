@@ -91,8 +91,11 @@ def check_evaluation(cfg: LsysConfig, world_size: int, local_ranks: int) -> None
 
 
 def check_inputs(cfg: LsysConfig, world_size: int, local_ranks: int) -> int:
-    """The data, pretrained weights and memory of a run on this machine (what `lsys profile` needs too: it uses no
-    run directory); returns the model's vocabulary size."""
+    """The packages, data, pretrained weights and memory of a run on this machine (what `lsys profile` needs
+    too: it uses no run directory); returns the model's vocabulary size."""
+    from lsys.packages import require_for_run
+
+    require_for_run(cfg)
     vocab = _vocabulary(cfg)
     if cfg.model.pretrained:
         from lsys.hf.checkpoint import match_checkpoint
