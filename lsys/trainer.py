@@ -101,7 +101,8 @@ class Trainer:
         # Built without memory, parallelized, then each rank fills only its shards (lsys.weights).
         with torch.device("meta"):
             self.model = Transformer(self.model_cfg).to(torch_dtype(cfg.train.param_dtype))
-        parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
+        parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant,
+                    compute_dtype=torch_dtype(cfg.train.compute_dtype))
         # With parallel.fsdp_offload the shards live in host memory; FSDP2 copies each unit in when it computes.
         state_device = torch.device("cpu") if cfg.parallel.fsdp_offload != "none" else self.device
         materialize(self.model, state_device, seed=cfg.train.seed, pretrained=self.model_cfg.pretrained)
