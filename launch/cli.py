@@ -147,10 +147,12 @@ def _run_ranks(args: argparse.Namespace, console: Console, cfg: LsysConfig, laun
                entry: Callable[[LsysConfig], Any], entry_from_dict: Callable[[dict], Any]) -> tuple[int, Any]:
     """Run `entry` in this process (one rank, or one rank of another launcher's job) or on --nproc local ranks;
     -> (exit code, rank 0's result)."""
-    from launch.local import RankFailedError, spawn
+    from launch.local import RankFailedError, cuda_allocator_environment, spawn
     from lsys.config import to_dict
 
     if launched_elsewhere or args.nproc == 1:
+        # Before this process's first CUDA allocation, which is when the allocator reads it.
+        os.environ.update(cuda_allocator_environment(os.environ))
         return 0, entry(cfg)
     try:
         return 0, spawn(entry_from_dict, args.nproc, (to_dict(cfg),), timeout_s=args.timeout)[0]
@@ -261,8 +263,10 @@ def _pictures_to_tensorboard(written: list, out: Any, step: int) -> None:
 
 def _prepare_data(args: argparse.Namespace, console: Console) -> int:
     from lsys.data import prepare_text_dataset
+    from lsys.packages import require
 
     try:
+        require("megatron.core", "lsys prepare-data", "writing an indexed dataset")
         stats = prepare_text_dataset(args.inputs, args.output, tokenizer=args.tokenizer, append_eod=not args.no_eod,
                                      pretrained=args.pretrained)
     except (ValueError, FileNotFoundError) as exc:

@@ -14,5 +14,8 @@ TIMEOUT = 124  # --timeout expired and every rank was stopped (as timeout(1) rep
 
 def invalid_input(console: Console, exc: Exception) -> int:
     """Refuse a bad input the one way every command does: one `lsys: invalid input: ...` line, INVALID_INPUT."""
-    console.print(f"[bold red]lsys: invalid input:[/] {exc}", highlight=False)
+    from rich.markup import escape
+
+    # Escaped: a message may hold brackets (a pip extra, a list) that rich would take for markup and drop.
+    console.print(f"[bold red]lsys: invalid input:[/] {escape(str(exc))}", highlight=False)
     return INVALID_INPUT

@@ -50,9 +50,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# Long-sequence steps allocate blocks of many sizes; expandable segments keep the caching allocator from
+# fragmenting into reserved-but-unusable memory (and its peaks closer to what `lsys plan` counts).
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def cuda_allocator_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The CUDA allocator's configuration for the ranks: the user's own when they have set one (under its CUDA name
+    or the newer device-generic PYTORCH_ALLOC_CONF), passed on as it is, else expandable segments. Passed on, not
+    left to inheritance: forkserver ranks inherit the environment the forkserver started with. CPU ranks never
+    read it."""
+    users = {name: environ[name] for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF") if name in environ}
+    return users or {"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF}
+
+
 def rank_environment(rank: int, world_size: int, store_file: str, threads_per_rank: int) -> dict[str, str]:
     """The torchrun-style variables one local rank sees, with the FileStore to rendezvous through instead of
-    MASTER_ADDR/MASTER_PORT (so that nothing can fall back to a TCPStore); connections bind to loopback."""
+    MASTER_ADDR/MASTER_PORT (so that nothing can fall back to a TCPStore); connections bind to loopback; the CUDA
+    allocator's configuration (`cuda_allocator_environment`)."""
     from lsys.session import STORE_FILE_ENV  # here, not at the top: it imports torch, which `lsys submit` never needs
 
     env = {
@@ -62,6 +77,7 @@ def rank_environment(rank: int, world_size: int, store_file: str, threads_per_ra
         "LOCAL_WORLD_SIZE": str(world_size),
         STORE_FILE_ENV: store_file,
         "OMP_NUM_THREADS": str(threads_per_rank),
+        **cuda_allocator_environment(os.environ),
     }
     interface = loopback_interface()
     if interface is not None:

@@ -106,16 +106,39 @@ def check_evaluation(cfg: LsysConfig, world_size: int, local_ranks: int) -> None
 
 
 def check_inputs(cfg: LsysConfig, world_size: int, local_ranks: int) -> int:
-    """The data, pretrained weights and memory of a run on this machine (what `lsys profile` needs too: it uses no
-    run directory); returns the model's vocabulary size."""
+    """The packages, data, pretrained weights, GPUs and memory of a run on this machine (what `lsys profile` needs
+    too: it uses no run directory); returns the model's vocabulary size."""
+    from lsys.packages import require_for_run
+
+    require_for_run(cfg)
     vocab = _vocabulary(cfg)
     if cfg.model.pretrained:
         from lsys.hf.checkpoint import match_checkpoint
 
         match_checkpoint(cfg.model, cfg.model.pretrained)  # from the safetensors headers; no tensor is read
+    check_gpus(cfg, local_ranks)
     if _device(cfg) == "cpu":
         check_memory(cfg, world_size, local_ranks, vocab)
     return vocab
+
+
+def check_gpus(cfg: LsysConfig, local_ranks: int) -> None:
+    """Each local rank on CUDA takes a GPU of its own (local_rank % device_count, lsys.session.pick_device): more
+    ranks than visible GPUs would put two on one GPU, which NCCL refuses only after every rank has started."""
+    import torch
+
+    if cfg.train.device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        if cfg.train.device == "cuda":
+            raise ValueError("train.device='cuda' but no CUDA device is visible; use train.device=cpu or auto")
+        return
+    visible = torch.cuda.device_count()
+    if local_ranks > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        which = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+        raise ValueError(f"train.device={cfg.train.device!r}: {local_ranks} local ranks but {visible} visible "
+                         f"GPU(s){which}; start at most {visible} ranks on this machine, or set train.device=cpu")
 
 
 def check_resume(cfg: LsysConfig, world_size: int, vocab_size: int) -> None:

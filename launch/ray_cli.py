@@ -124,7 +124,12 @@ def submit_command(args: argparse.Namespace, console: Console) -> int:
         stop_cluster,
     )
     from lsys.config import load_config, to_dict, validate_for_cluster
+    from lsys.packages import require
 
+    try:
+        require("ray", "lsys submit", "submitting a job")
+    except ValueError as exc:
+        return exits.invalid_input(console, exc)
     address = args.address or os.environ.get("RAY_ADDRESS")
     embedded = not address
     home, started = lsys_home(), False
@@ -196,8 +201,14 @@ def _records(address: str | None, home: Path | None) -> tuple[list, set[str]]:
 
 def jobs_command(args: argparse.Namespace, console: Console) -> int:
     from launch import ray_jobs
+    from lsys.packages import require
 
     address, home = _resolve(args.address)
+    if address is not None:  # without one, only the archive of the embedded cluster is read
+        try:
+            require("ray", f"lsys jobs {args.action}", "a running cluster")
+        except ValueError as exc:
+            return exits.invalid_input(console, exc)
     if args.action == "list":
         records, _ = _records(address, home)
         if args.json:
@@ -237,10 +248,12 @@ def jobs_command(args: argparse.Namespace, console: Console) -> int:
 
 def cluster_command(args: argparse.Namespace, console: Console) -> int:
     from launch.ray_cluster import lsys_home, running_cluster, start_cluster, stop_cluster
+    from lsys.packages import require
 
     home = lsys_home()
     if args.action == "start":
         try:
+            require("ray", "lsys cluster start", "the embedded cluster")
             state = start_cluster(home, num_nodes=args.nodes, cpus_per_node=args.cpus_per_node,
                                   dashboard_port=args.dashboard_port, stop_when_idle_s=args.stop_when_idle)
         except (ValueError, RuntimeError) as exc:

@@ -4,6 +4,7 @@ the jobs of an embedded cluster readable after it has shut down."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -13,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from launch.local import loopback_interface
+from launch.local import cuda_allocator_environment, loopback_interface
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 CONFIG_ENV = "LSYS_JOB_CONFIG"  # the validated config, as JSON, for the job's entry point
@@ -81,6 +82,8 @@ def submit(address: str, config: dict[str, Any], *, embedded: bool) -> str:
         env["NCCL_SOCKET_IFNAME"] = interface
     if embedded:
         env[EMBEDDED_ENV] = "1"
+        # Its workers are local ranks; on a remote cluster the nodes' own setting is left alone.
+        env.update(cuda_allocator_environment(os.environ))
     client = _client(address)
     request = {
         "entrypoint": shlex.join([python, "-m", "launch.ray_train"]),

@@ -22,11 +22,38 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this rank so far: allocator peak on CUDA, peak resident set size on CPU."""
+    """Peak memory of this rank: on CUDA the allocator's peak since it was last reset (`PeakMemory`); on CPU the
+    process's peak resident set size since it started, which cannot be reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class PeakMemory:
+    """This rank's peak memory in the current step and over the run.
+
+    On CUDA the allocator's peak is reset when a step starts, so a step's figure is that step's own, the figure
+    `lsys plan` predicts (the allocator never resets it itself: it would otherwise be the run's largest so far).
+    On CPU the peak resident set size cannot be reset: a step's figure is the process's peak since it started,
+    at least the step's, and equal to the run's.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._earlier = 0  # the largest peak of the steps before the last reset (CUDA)
+
+    def start_step(self) -> None:
+        if self.device.type == "cuda":
+            self._earlier = self.over_run()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def in_step(self) -> int:
+        """Since the step started (on CUDA; see the class)."""
+        return peak_memory_bytes(self.device)
+
+    def over_run(self) -> int:
+        return max(self._earlier, peak_memory_bytes(self.device))
 
 
 def resident_bytes() -> int:

@@ -24,7 +24,7 @@ from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
 from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
 from lsys.data import Batch, EvalTotals, Task, configured_task, model_vocabulary
-from lsys.metrics import MetricsWriter, ProgressView, peak_memory_bytes, resident_bytes
+from lsys.metrics import MetricsWriter, PeakMemory, ProgressView, resident_bytes
 from lsys.model import Transformer, count_parameters
 from lsys.optim import OptimizerStore, build_optimizer, local_shard, state_bytes
 from lsys.session import Session, distributed_session
@@ -101,7 +101,8 @@ class Trainer:
         # Built without memory, parallelized, then each rank fills only its shards (lsys.weights).
         with torch.device("meta"):
             self.model = Transformer(self.model_cfg).to(torch_dtype(cfg.train.param_dtype))
-        parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant)
+        parallelize(self.model, cfg.parallel, self.mesh, cfg.recompute, cfg.quant,
+                    compute_dtype=torch_dtype(cfg.train.compute_dtype))
         # With parallel.fsdp_offload the shards live in host memory; FSDP2 copies each unit in when it computes.
         state_device = torch.device("cpu") if cfg.parallel.fsdp_offload != "none" else self.device
         materialize(self.model, state_device, seed=cfg.train.seed, pretrained=self.model_cfg.pretrained)
@@ -198,8 +199,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------
 
-    def _peak_memory_per_rank(self) -> list[int]:
-        mine = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.int64, device=self.device)
+    def _peak_memory_per_rank(self, mine_bytes: int) -> list[int]:
+        mine = torch.tensor([mine_bytes], dtype=torch.int64, device=self.device)
         every = [torch.zeros_like(mine) for _ in range(self.session.world_size)]
         dist.all_gather(every, mine)
         return [int(x.item()) for x in every]
@@ -263,10 +264,12 @@ class Trainer:
                          f"{self.device.type}{resumed}")
         losses, evals, started = [], [], time.perf_counter()
         guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_skips)
+        peaks = PeakMemory(self.device)  # a logged step's figure is its own, not the run's so far (on CUDA)
         stopped = None
         try:
             for step in range(start, end):
                 self._maybe_fail(step)
+                peaks.start_step()
                 record = self.train_step(step)
                 losses.append(record["loss"])
                 done = step + 1
@@ -277,7 +280,7 @@ class Trainer:
                     record.update({k: None for k in ("loss", "grad_norm") if not math.isfinite(record[k])},
                                   skipped=True)
                 if skipped or done % cfg.train.log_every == 0 or done == end:
-                    record["peak_memory_bytes"] = self._peak_memory_per_rank()
+                    record["peak_memory_bytes"] = self._peak_memory_per_rank(peaks.in_step())
                     logged = {"step": done, **record, "skipped_steps": guard.skipped}
                     if writer:
                         writer.write(logged)
@@ -310,7 +313,7 @@ class Trainer:
         state_per_rank = [None] * self.session.world_size
         dist.all_gather_object(state_per_rank, held)
         summary = {"start_step": start, "end_step": start + len(losses), "losses": losses, "evals": evals,
-                   "wall_time_s": wall, "peak_memory_bytes": self._peak_memory_per_rank(),
+                   "wall_time_s": wall, "peak_memory_bytes": self._peak_memory_per_rank(peaks.over_run()),
                    "state_bytes_per_rank": state_per_rank, "run_dir": str(self.run_dir),
                    "skipped_steps": guard.skipped, "stopped": stopped}
         if main:

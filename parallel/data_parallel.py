@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from parallel.transforms import mark_applied
 
@@ -43,12 +43,19 @@ def block_units(blocks: list[nn.Module], min_unit_params: int) -> list[list[nn.M
 
 
 def shard_data_parallel(model: nn.Module, blocks: list[nn.Module], replica_mesh: DeviceMesh,
-                        min_unit_params: int = 0, offload: str = "none") -> None:
+                        min_unit_params: int = 0, offload: str = "none", compute_dtype: torch.dtype | None = None,
+                        ) -> None:
     """Shard `model` (units of its `blocks`, then the root) over `replica_mesh`, in place (see `block_units`).
     `offload` "cpu": the shards and their gradients stay in host memory (pinned on CUDA); each unit's parameters
-    are copied to the device for its forward and backward, and its gradients back after the reduce-scatter."""
+    are copied to the device for its forward and backward, and its gradients back after the reduce-scatter.
+    `compute_dtype` below the parameters' (bf16 of fp32 parameters): the shards are cast before the all-gather,
+    which then moves half the bytes and leaves autocast no gathered weight to cast in every forward; gradients
+    are reduce-scattered in the parameters' dtype."""
     mark_applied(model, "data parallelism")
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload == "cpu" else OffloadPolicy()
+    param_dtype = next(model.parameters()).dtype
+    mixed = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
+             if compute_dtype is not None and compute_dtype != param_dtype else MixedPrecisionPolicy())
     # The root returns the logits, a view when tensor parallelism hands back its local shard; FSDP2 warns in
     # case the caller modifies it in place, which the trainer never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -56,8 +63,8 @@ def shard_data_parallel(model: nn.Module, blocks: list[nn.Module], replica_mesh:
     # each; DTensor logs that as a performance hint on every rank at every step.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     for unit in block_units(blocks, min_unit_params):
-        fully_shard(unit if len(unit) > 1 else unit[0], mesh=replica_mesh, offload_policy=policy)
-    fully_shard(model, mesh=replica_mesh, offload_policy=policy)
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=replica_mesh, offload_policy=policy, mp_policy=mixed)
+    fully_shard(model, mesh=replica_mesh, offload_policy=policy, mp_policy=mixed)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 
 from parallel.config import ParallelConfig, QuantConfig, RecomputeConfig
@@ -59,8 +60,10 @@ def parallelize(
     mesh: MeshInfo,
     recompute: RecomputeConfig | None = None,
     quant: QuantConfig | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """model: a plain model with a `parallel_plan()` -> the same model, parallelized in place."""
+    """model: a plain model with a `parallel_plan()` -> the same model, parallelized in place. `compute_dtype`:
+    the dtype autocast computes in, when below the parameters' (FSDP2 then all-gathers in it)."""
     recompute, quant = recompute or RecomputeConfig(), quant or QuantConfig()
     # Asked of the model rather than passed in by the caller: the plan describes the model's own modules, and
     # every caller (trainer, memory planner) would only ever pass this.
@@ -73,5 +76,6 @@ def parallelize(
     quantizers = apply_activation_quantization(model, plan, quant, recompute, storages)
     apply_recompute(model, plan, recompute, quantizers, storages)
     if mesh.replica_size > 1 or cfg.fsdp_offload != "none":  # offloading the state needs FSDP2 on one rank too
-        shard_data_parallel(model, plan.block_modules(), mesh.replica_mesh, cfg.fsdp_unit_params, cfg.fsdp_offload)
+        shard_data_parallel(model, plan.block_modules(), mesh.replica_mesh, cfg.fsdp_unit_params, cfg.fsdp_offload,
+                            compute_dtype)
     return model

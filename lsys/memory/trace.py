@@ -137,7 +137,8 @@ def trace_rank(cfg: LsysConfig, world_size: int) -> MemoryUsage:
         fake = FakeTensorMode(allow_non_fake_inputs=True)  # the mesh's rank tables stay real
         with fake, _default_dtype(torch_dtype(cfg.train.param_dtype)):  # a fake model cannot be converted afterwards
             model = Transformer(model_cfg)
-        parallelize(model, cfg.parallel, mesh, cfg.recompute, cfg.quant)  # builds sub-meshes: outside fake mode
+        parallelize(model, cfg.parallel, mesh, cfg.recompute, cfg.quant,  # builds sub-meshes: outside fake mode
+                    compute_dtype=torch_dtype(cfg.train.compute_dtype))
         with fake:
             store = PlannedStore() if cfg.optim.offload != "none" else None
             work = StepWork(cfg, model, build_optimizer(cfg, model, store), CPU)

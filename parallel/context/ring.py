@@ -38,7 +38,9 @@ from kernels.attention import attention_backward, attention_forward, expand_kv_h
 from kernels.merge import merge_attention
 from parallel.context.layout import ChunkLayout, Layout, chunk_layout
 
-# Distinct tags keep a K/V block, its document ids and a dK/dV accumulator in flight to the same peer apart.
+# Distinct tags keep a K/V block, its document ids and a dK/dV accumulator in flight to the same peer apart on
+# gloo. NCCL ignores tags and matches sends to receives by issue order alone: every rank must issue the same
+# sequence of batches, K/V before dK/dV at each backward step (tests/parallel/test_ring_order.py pins it).
 _KV_TAG = 1
 _DKV_TAG = 2
 _DOCS_TAG = 3
@@ -178,6 +180,8 @@ class _RingAttention(torch.autograd.Function):
         k_docs = docs
         dq = dkv = dkv_works = None
         for step, plan in enumerate(plans):
+            # Issued before this step's dK/dV batch below, and both on every rank whatever its plan: NCCL pairs
+            # them by order (see _KV_TAG).
             if step + 1 < size:
                 next_kv, next_docs, kv_works = _rotate_block(kv, k_docs, group, rank, size)
             grads = []  # (key rows, dk, dv) of each call, added to the visiting accumulator once it arrives

@@ -48,3 +48,37 @@ def test_foreach_adamw_is_bit_identical_to_the_per_parameter_loop_on_sharded_par
         assert foreach["losses"] == loop["losses"]
         for a, b in zip(foreach["grads"], loop["grads"], strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _bf16_training(values, policy):
+    """Losses of a bf16-compute run over fp32 parameters, with FSDP2's mixed-precision policy or (`policy` False)
+    without it, and the dtype of a block's parameters as its forward sees them."""
+    import parallel.parallelize
+    from lsys.config import config_from_dict
+    from lsys.session import distributed_session
+    from lsys.trainer import Trainer
+
+    if not policy:  # in this rank's process only
+        shard = parallel.parallelize.shard_data_parallel
+        parallel.parallelize.shard_data_parallel = lambda *args: shard(*args[:5])
+    cfg = config_from_dict(values)
+    with distributed_session("cpu", 60.0) as session:
+        trainer = Trainer(cfg, session)
+        seen = []
+        block = trainer.model.parallel_plan().blocks[0].block
+        block.register_forward_pre_hook(lambda module, _: seen.append(next(module.parameters()).dtype))
+        losses = [trainer.train_step(step)["loss"] for step in range(cfg.train.steps)]
+        state_dtypes = {p.dtype for p in trainer.model.parameters()}
+    return {"losses": losses, "gathered": str(seen[0]), "state": sorted(map(str, state_dtypes))}
+
+
+def test_bf16_compute_gathers_bf16_and_trains_like_the_cast_in_each_forward(tmp_path):
+    values = tiny_config(tmp_path, "parallel.dp=2", "train.param_dtype=float32", "train.compute_dtype=bfloat16",
+                         "train.steps=4")
+    with_policy = run_ranks(_bf16_training, 2, values, True)
+    without = run_ranks(_bf16_training, 2, values, False)
+    for got, want in zip(with_policy, without, strict=True):
+        assert got["gathered"] == "torch.bfloat16" and want["gathered"] == "torch.float32"
+        assert got["state"] == want["state"] == ["torch.float32"]  # the shards, gradients and updates stay fp32
+        assert all(torch.isfinite(torch.tensor(got["losses"])))
+        torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-2, atol=0)

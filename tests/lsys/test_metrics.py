@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from lsys.metrics import MetricsWriter, read_metrics
+from lsys.metrics import MetricsWriter, PeakMemory, read_metrics
 
 
 def _lines(*steps: int) -> str:
@@ -82,3 +83,34 @@ def test_empty_or_missing_file(tmp_path, capsys):
     _resume(fresh, 0, 1)
     assert _steps(fresh) == [1]
     assert capsys.readouterr().err == ""
+
+
+def test_cuda_peak_is_the_steps_own_and_the_runs_is_the_largest(monkeypatch):
+    """The CUDA allocator's peak, faked: it only grows until reset_peak_memory_stats."""
+    allocator = {"peak": 0, "resets": 0}
+
+    def allocate(peak):
+        allocator["peak"] = max(allocator["peak"], peak)
+
+    def reset(device):
+        assert device == torch.device("cuda", 1)
+        allocator.update(peak=0, resets=allocator["resets"] + 1)
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    peaks = PeakMemory(torch.device("cuda", 1))
+    allocate(500)  # building the model, before the first step
+    steps = []
+    for step_peak in (300, 700, 200):
+        peaks.start_step()
+        allocate(step_peak)
+        steps.append(peaks.in_step())
+    assert steps == [300, 700, 200] and allocator["resets"] == 3
+    assert peaks.over_run() == 700
+
+
+def test_cpu_peak_cannot_be_reset(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: pytest.fail("reset on CPU"))
+    peaks = PeakMemory(torch.device("cpu"))
+    peaks.start_step()
+    assert 0 < peaks.in_step() == peaks.over_run()

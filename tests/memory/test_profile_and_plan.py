@@ -19,6 +19,7 @@ LAYOUTS = {
     "ring2-zigzag-int8": (2, ["parallel.cp_ring=2", "quant.activations=int8"]),
     "tp2-selective-bf16": (2, ["parallel.tp=2", "recompute.mode=selective", "train.compute_dtype=bfloat16"]),
     "dp2-ring2-fsdp": (4, ["parallel.cp_ring=2"]),
+    "dp2-fsdp-bf16": (2, ["train.compute_dtype=bfloat16"]),  # FSDP2 all-gathers bf16 of fp32 parameters
     "ulysses2-tp2-full": (4, ["parallel.cp_ulysses=2", "parallel.tp=2", "recompute.mode=full"]),
     "ring2-selective-offload": (2, ["parallel.cp_ring=2", "recompute.mode=selective", "recompute.offload=cpu"]),
     "tp2-selective-tiled-mlp": (2, ["parallel.tp=2", "recompute.mode=selective", "model.mlp_chunk_tokens=48"]),
