@@ -25,6 +25,16 @@ def _writable(directory: Path, key: str, value: str) -> None:
     os.unlink(probe)
 
 
+def _writable_ancestor(path: Path, key: str, value: str) -> None:
+    """`path`, or its nearest existing ancestor (where it would be made), is a directory this user can write."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{key}={value!r}: {existing} is not a directory; choose another {key}")
+    _writable(existing, key, value)
+
+
 def check_run_dir(run_dir: str, key: str = "train.run_dir") -> None:
     """The run directory and its checkpoints/ are directories (or can be made) that this user can write."""
     path = Path(run_dir)
@@ -38,12 +48,7 @@ def check_run_dir(run_dir: str, key: str = "train.run_dir") -> None:
     if (path / "metrics.jsonl").is_dir():
         raise ValueError(f"{key}={run_dir!r}: {path / 'metrics.jsonl'} is a directory; remove it or choose another "
                          f"{key}")
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{key}={run_dir!r}: {existing} is not a directory; choose another {key}")
-    _writable(existing, key, run_dir)
+    _writable_ancestor(path, key, run_dir)
     if (path / "checkpoints").is_dir():
         _writable(path / "checkpoints", key, run_dir)
 
@@ -55,12 +60,7 @@ def check_output_dir(directory: str, key: str) -> None:
         raise ValueError(f"{key}={directory!r}: {path} is a dangling symbolic link; remove it or choose another {key}")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{key}={directory!r}: {path} exists and is not a directory; choose another {key}")
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{key}={directory!r}: {existing} is not a directory; choose another {key}")
-    _writable(existing, key, directory)
+    _writable_ancestor(path, key, directory)
 
 
 def check_memory(cfg: LsysConfig, world_size: int, local_ranks: int, vocab_size: int) -> None:

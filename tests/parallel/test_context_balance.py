@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from parallel.config import BALANCED_CHUNKS_PER_RANK, sequence_multiple
-from parallel.context import ChunkLayout, balance_layout, check_sequence, chunk_layout, shard_indices
+from parallel.context import ChunkLayout, balance_layout, chunk_layout, shard_indices
 from parallel.context.balance import assign_chunks, position_work
 from parallel.context.ring import block_plan
+from tests.parallel.test_context_layout import accepted_lengths
 
 
 def _pairs_computed(layout: ChunkLayout, seq_len: int, causal: bool) -> torch.Tensor:
@@ -117,14 +118,7 @@ def test_balanced_sequence_rule_is_the_smallest_length_its_layouts_shard():
     for ring, ulysses in ((1, 2), (2, 1), (2, 2), (4, 2), (3, 1)):
         multiple = sequence_multiple(ring, ulysses, layout="balanced")
         layout = balance_layout(torch.zeros(1, multiple, dtype=torch.int64), ring)
-        accepted = []
-        for seq_len in range(1, 3 * multiple + 1):
-            try:
-                check_sequence(seq_len, ring, ulysses, layout)
-                accepted.append(seq_len)
-            except ValueError:
-                pass
-        assert accepted == [multiple, 2 * multiple, 3 * multiple]
+        assert accepted_lengths(ring, ulysses, layout, 3 * multiple) == [multiple, 2 * multiple, 3 * multiple]
 
 
 def test_balance_layout_names_an_indivisible_length():

@@ -77,19 +77,24 @@ def test_indivisible_sequence_names_the_fix():
     check_sequence(12, 1, 4, "zigzag")
 
 
+def accepted_lengths(ring: int, ulysses: int, layout, up_to: int) -> list[int]:
+    """The sequence lengths 1..up_to that `check_sequence` accepts for these sizes and layout."""
+    accepted = []
+    for seq_len in range(1, up_to + 1):
+        try:
+            check_sequence(seq_len, ring, ulysses, layout)
+            accepted.append(seq_len)
+        except ValueError:
+            pass
+    return accepted
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_the_config_rule_is_the_smallest_length_the_layout_shards(layout):
     for ring in range(1, 5):
         for ulysses in range(1, 5):
             multiple = sequence_multiple(ring, ulysses, layout=layout)
-            accepted = []
-            for seq_len in range(1, 3 * multiple + 1):
-                try:
-                    check_sequence(seq_len, ring, ulysses, layout)
-                    accepted.append(seq_len)
-                except ValueError:
-                    pass
-            assert accepted == [multiple, 2 * multiple, 3 * multiple]
+            assert accepted_lengths(ring, ulysses, layout, 3 * multiple) == [multiple, 2 * multiple, 3 * multiple]
             # Sequence parallelism cuts every part again; training lengths are also at least MIN_SEQ_LEN.
             assert sequence_multiple(ring, ulysses, 3, layout) == 3 * multiple
             granularity = sequence_granularity(ring, ulysses, 1, layout)
