@@ -1,3 +1,4 @@
+import importlib.util
 import re
 from pathlib import Path
 
@@ -110,6 +111,12 @@ def test_bad_config_is_rejected_with_key_value_and_fix(overrides, message):
     with pytest.raises(ValueError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_without_the_package_is_rejected_naming_the_install():
+    with pytest.raises(ValueError, match=r"logging.wandb=true: the wandb package is not installed; `pip install"):
+        load_config(None, ["logging.wandb=true"])
 
 
 def test_hybrid_length_is_accepted_when_the_layout_can_shard_it():
