@@ -4,8 +4,14 @@ These are the building blocks of context-parallel attention: a ring step compute
 pair with `attention_forward`, merges partial results by their LSE, and in backward calls
 `attention_backward` with the GLOBAL out and lse so every block sees the true softmax normaliser.
 
-Backends: "aten" (torch's flash-attention-for-CPU ops, any float dtype), "triton" (CUDA), "reference"
-(float64-capable twin in kernels.reference). "auto" picks triton on CUDA and aten elsewhere.
+K/V may have fewer heads than q (grouped-query attention: query head h reads K/V head h // (Hq // Hkv)). The
+Triton kernels read the shared head in place; torch's ops take equal head counts, so for them K/V are expanded
+here and dK/dV summed back per group in fp32.
+
+Backends: "aten" (torch's CPU flash op, any float dtype), "flash", "efficient", "cudnn" (torch's CUDA ops,
+kernels.torch_attention), "triton" (kernels.triton_attention: CUDA, or CPU under TRITON_INTERPRET), "reference"
+(float64-capable twin in kernels.reference). "auto" (`choose_backend`): aten on CPU; on CUDA flash for 16-bit
+inputs, efficient for fp32, triton for document masks or what neither takes, reference for float64.
 """
 
 from __future__ import annotations
@@ -13,32 +19,52 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.dispatch import resolve_backend
 from kernels.document_attention import check_document_ids, document_attention_backward, document_attention_forward
 from kernels.reference import reference_attention_backward, reference_attention_forward
+from kernels.torch_attention import TORCH_KERNELS
 
-BACKENDS = ("auto", "aten", "triton", "reference")
+BACKENDS = ("auto", "aten", "flash", "efficient", "cudnn", "triton", "reference")
+CUDA_BACKENDS = tuple(name for name, kernel in TORCH_KERNELS.items() if kernel.cuda)
 
 
-def _resolve(backend: str, q: Tensor) -> str:
-    return resolve_backend("attention", backend, BACKENDS, q, off_cuda="aten")
+def choose_backend(backend: str, q: Tensor, k: Tensor, *, causal: bool, documents: bool = False) -> str:
+    """The backend that runs q [B, Sq, Hq, D] against k [B, Sk, Hkv, D]: `backend` itself unless it is "auto".
+
+    A named backend that cannot take these inputs raises ValueError saying why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if not q.is_cuda:
+            return "aten"
+        if q.dtype == torch.float64:
+            return "reference"
+        if documents:
+            return "triton"
+        preferred = "flash" if q.dtype in (torch.float16, torch.bfloat16) else "efficient"
+        return preferred if TORCH_KERNELS[preferred].unsupported(q, k, causal) is None else "triton"
+    if backend in TORCH_KERNELS:
+        if documents and backend != "aten":  # on CPU the document path calls the aten op per document
+            raise ValueError(f"attention backend={backend!r} takes no document masks; use 'auto' or 'triton'")
+        reason = TORCH_KERNELS[backend].unsupported(q, k, causal)
+        if reason is not None:
+            raise ValueError(f"attention backend={backend!r} cannot run these inputs: {reason}; use 'auto'")
+    return backend
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"attention expects q [B, Sq, H, D] and k, v [B, Sk, H, D]; got q {tuple(q.shape)}, "
+            f"attention expects q [B, Sq, Hq, D] and k, v [B, Sk, Hkv, D]; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"block kernels need equal head counts (q {q.shape[2]}, kv {k.shape[2]}); expand KV first")
+    check_gqa(q, k)
 
 
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None, backend: str = "auto",
     q_docs: Tensor | None = None, k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q: [B, Sq, H, D]; k, v: [B, Sk, H, D] -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq].
+    """q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] -> out [B, Sq, Hq, D] (q.dtype), lse [B, Hq, Sq].
 
     lse is float32, or float64 for float64 inputs. `causal` is top-left aligned (query i sees keys <= i).
     Document ids q_docs [B, Sq], k_docs [B, Sk] (int64, both or neither): a query attends only to keys of its
@@ -46,19 +72,17 @@ def attention_forward(
     """
     _check_shapes(q, k, v)
     check_document_ids(q, k, q_docs, k_docs)
-    backend = _resolve(backend, q)
-    if backend == "reference":
-        return reference_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
+    backend = choose_backend(backend, q, k, causal=causal, documents=q_docs is not None)
     if backend == "triton":
         from kernels.triton_attention import triton_attention_forward
 
         return triton_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
+    k, v = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
+    if backend == "reference":
+        return reference_attention_forward(q, k, v, causal=causal, scale=scale, q_docs=q_docs, k_docs=k_docs)
     if q_docs is not None:
         return document_attention_forward(q, k, v, q_docs, k_docs, causal=causal, scale=scale)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
-    )
-    return out.transpose(1, 2), lse
+    return TORCH_KERNELS[backend].forward(q, k, v, causal, scale)
 
 
 def attention_backward(
@@ -75,33 +99,26 @@ def attention_backward(
     q_docs: Tensor | None = None,
     k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D] (input dtypes).
+    """dout, out: [B, Sq, Hq, D]; lse: [B, Hq, Sq] -> dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D] (input dtypes).
     q_docs, k_docs: the document ids of `attention_forward`."""
     _check_shapes(q, k, v)
     check_document_ids(q, k, q_docs, k_docs)
-    backend = _resolve(backend, q)
-    if backend == "reference":
-        return reference_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
-                                            k_docs=k_docs)
+    backend = choose_backend(backend, q, k, causal=causal, documents=q_docs is not None)
     if backend == "triton":
         from kernels.triton_attention import triton_attention_backward
 
         return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, q_docs=q_docs,
                                          k_docs=k_docs)
-    if q_docs is not None:
-        return document_attention_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal=causal, scale=scale)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.transpose(1, 2),
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        out.transpose(1, 2),
-        lse,
-        0.0,
-        causal,
-        scale=scale,
-    )
-    return tuple(g.transpose(1, 2) for g in grads)
+    num_kv_heads = k.shape[2]
+    k, v = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
+    if backend == "reference":
+        dq, dk, dv = reference_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                                  q_docs=q_docs, k_docs=k_docs)
+    elif q_docs is not None:
+        dq, dk, dv = document_attention_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal=causal, scale=scale)
+    else:
+        dq, dk, dv = TORCH_KERNELS[backend].backward(dout, q, k, v, out, lse, causal, scale)
+    return dq, reduce_kv_heads(dk, num_kv_heads), reduce_kv_heads(dv, num_kv_heads)
 
 
 def expand_kv_heads(x: Tensor, num_q_heads: int) -> Tensor:
@@ -113,11 +130,13 @@ def expand_kv_heads(x: Tensor, num_q_heads: int) -> Tensor:
 
 
 def reduce_kv_heads(grad: Tensor, num_kv_heads: int) -> Tensor:
-    """Inverse of expand_kv_heads for gradients: [B, S, Hq, D] -> [B, S, Hkv, D] by summing each group."""
+    """Inverse of expand_kv_heads for gradients: [B, S, Hq, D] -> [B, S, Hkv, D], each group summed in (at least)
+    fp32 and returned in grad's dtype."""
     b, s, hq, d = grad.shape
     if hq == num_kv_heads:
         return grad
-    return grad.view(b, s, num_kv_heads, hq // num_kv_heads, d).sum(dim=3)
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    return grad.view(b, s, num_kv_heads, hq // num_kv_heads, d).sum(dim=3, dtype=acc).to(grad.dtype)
 
 
 def check_gqa(q: Tensor, k: Tensor) -> None:
@@ -131,9 +150,7 @@ def check_gqa(q: Tensor, k: Tensor) -> None:
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, backend, docs):
-        k_full, v_full = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
-        out, lse = attention_forward(q, k_full, v_full, causal=causal, scale=scale, backend=backend, q_docs=docs,
-                                     k_docs=docs)
+        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend, q_docs=docs, k_docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (causal, scale, backend, docs)
         return out
@@ -142,12 +159,9 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, backend, docs = ctx.options
-        k_full, v_full = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])
-        dq, dk, dv = attention_backward(
-            dout.contiguous(), q, k_full, v_full, out, lse, causal=causal, scale=scale, backend=backend, q_docs=docs,
-            k_docs=docs,
-        )
-        return dq, reduce_kv_heads(dk, k.shape[2]), reduce_kv_heads(dv, k.shape[2]), None, None, None, None
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, scale=scale,
+                                        backend=backend, q_docs=docs, k_docs=docs)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention(

@@ -14,6 +14,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from kernels.attention import CUDA_BACKENDS as CUDA_ATTENTION_BACKENDS
 from parallel.config import (
     MIN_SEQ_LEN,
     OFFLOAD_MODES,
@@ -93,6 +95,10 @@ class ModelConfig:
     # recomputed from the chunk's input in backward: only one chunk's exist at once (0: all at once). For long
     # sequences, e.g. 4096 (lsys.tiling).
     mlp_chunk_tokens: int = 0
+    # The block attention kernel (kernels.attention): "auto" picks torch's CPU flash op on CPU, and on CUDA torch's
+    # flash op for 16-bit compute, its memory-efficient op for fp32, Triton for packed-document masks. Or name
+    # one: aten, flash, efficient, cudnn, triton, reference (float64, small shapes).
+    attention_backend: str = "auto"
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -403,6 +409,10 @@ def validate(cfg: LsysConfig, world_size: int | None = None) -> None:
     _require(m.sliding_window == 0 or m.sliding_window >= d.seq_len, "model.sliding_window", m.sliding_window,
              f"sliding-window attention is not supported, and a window shorter than data.seq_len={d.seq_len} would "
              "change what the model attends to; train at most that many tokens, or use a model without a window")
+    _require(m.attention_backend in ATTENTION_BACKENDS, "model.attention_backend", m.attention_backend,
+             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    _require(t.device != "cpu" or m.attention_backend not in CUDA_ATTENTION_BACKENDS, "model.attention_backend",
+             m.attention_backend, "train.device=cpu: torch's CUDA attention ops need a GPU; use auto (or aten)")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive (RMSNorm divides by sqrt(mean + eps)), "
              "e.g. 1e-5")

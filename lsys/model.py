@@ -10,6 +10,7 @@ its queries and keys exactly as the full sequence would; document ids travel wit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         # Qwen3: each query and key head is RMS-normalised over head_dim before RoPE.
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.attn_fn: AttnFn = local_attention
+        self.attn_fn: AttnFn = functools.partial(local_attention, backend=cfg.attention_backend)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, document_ids: Tensor | None) -> Tensor:
         # x: [B, S, hidden], document_ids: [B, S] int64 or None -> [B, S, hidden]
@@ -213,6 +214,7 @@ class Transformer(nn.Module):
             blocks=tuple(block.parallel_plan() for block in self.blocks),
             tensor_parallel={"embed": TensorSplit(Split.VOCAB_EMBEDDING), "norm": TensorSplit(Split.SEQUENCE),
                              "lm_head": TensorSplit(Split.VOCAB_HEAD)},
+            attention_backend=self.cfg.attention_backend,
         )
 
     def initial_values(self, seed: int) -> Iterator[tuple[str, Tensor]]:

@@ -45,7 +45,7 @@ def apply_context_parallel(model: nn.Module, plan: ParallelPlan, cfg: ParallelCo
     from parallel.context import sharded_attention
 
     mark_applied(model, "context parallelism")
-    groups = {"ring_group": mesh.ring_group, "ulysses_group": mesh.ulysses_group}
+    groups = {"ring_group": mesh.ring_group, "ulysses_group": mesh.ulysses_group, "backend": plan.attention_backend}
     if cfg.cp_layout == "balanced":  # chosen per batch: it comes with the document ids (lsys.sharding)
         attn_fn = functools.partial(sharded_attention, **groups)
     else:

@@ -73,6 +73,7 @@ class BlockPlan:
 class ParallelPlan:
     blocks: tuple[BlockPlan, ...]  # in forward order: recompute selection and FSDP units count them so
     tensor_parallel: Mapping[str, TensorSplit]  # module paths relative to the model, outside the blocks
+    attention_backend: str = "auto"  # the block kernel (kernels.attention) context-parallel attention calls
 
     def block_modules(self) -> list[nn.Module]:
         return [plan.block for plan in self.blocks]

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels.attention import attention_backward, attention_forward, expand_kv_heads, reduce_kv_heads
+from kernels.attention import attention_backward, attention_forward
 from kernels.merge import merge_attention
 from parallel.context.layout import ChunkLayout, Layout, chunk_layout
 
@@ -127,7 +127,7 @@ class _RingAttention(torch.autograd.Function):
         # q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D]; docs: [B, S_local] int64 or None
         # -> out [B, S_local, Hq, D]
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        num_q_heads, seq_len = q.shape[2], q.shape[1]
+        seq_len = q.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
         own_kv = kv = torch.stack([k, v])  # [2, B, S_local, Hkv, D]: one contiguous message per hop
         k_docs = docs
@@ -146,8 +146,8 @@ class _RingAttention(torch.autograd.Function):
             for rows, keys, block_causal in plan:
                 block_out, block_lse = attention_forward(
                     q[:, rows],
-                    expand_kv_heads(kv[0][:, keys], num_q_heads),
-                    expand_kv_heads(kv[1][:, keys], num_q_heads),
+                    kv[0][:, keys],
+                    kv[1][:, keys],
                     causal=block_causal,
                     scale=scale,
                     backend=backend,
@@ -174,7 +174,6 @@ class _RingAttention(torch.autograd.Function):
         q, kv, out, lse, docs = ctx.saved_tensors
         group, plans, scale, backend = ctx.options
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        num_q_heads, num_kv_heads = q.shape[2], kv.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
         dout = dout.contiguous()
         k_docs = docs
@@ -189,8 +188,8 @@ class _RingAttention(torch.autograd.Function):
                 dq_b, dk_b, dv_b = attention_backward(
                     dout[:, rows],
                     q[:, rows],
-                    expand_kv_heads(kv[0][:, keys], num_q_heads),
-                    expand_kv_heads(kv[1][:, keys], num_q_heads),
+                    kv[0][:, keys],
+                    kv[1][:, keys],
                     out[:, rows],
                     lse[:, :, rows].contiguous(),
                     causal=block_causal,
@@ -198,8 +197,7 @@ class _RingAttention(torch.autograd.Function):
                     backend=backend,
                     **_doc_slices(docs, k_docs, rows, keys),
                 )
-                grads.append((keys, reduce_kv_heads(dk_b.to(acc), num_kv_heads),
-                              reduce_kv_heads(dv_b.to(acc), num_kv_heads)))
+                grads.append((keys, dk_b.to(acc), dv_b.to(acc)))
                 if dq is None:  # step 0, the own block, always covers every row
                     dq = dq_b.to(acc)
                 else:
