@@ -14,6 +14,10 @@ Document ids (q_docs, k_docs) mask pairs of different documents in every tile. W
 (packed data: each document one run), a tile pair whose document ranges, bounded by the ids of its first and
 last rows, do not intersect is skipped: the masked work costs (almost) nothing. Unsorted ids are still exact.
 
+Grouped-query attention: k, v may have fewer heads than q (Hkv dividing Hq). Query head h reads K/V head
+h // (Hq // Hkv), as `repeat_interleave` would lay them out, but K/V are never expanded: the forward and dq
+kernels index the shared head, and each dk, dv program loops over the query heads of its group.
+
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors. The interpreter's
 `tl.dot` is wrong for 16-bit operands, so interpreted launches upcast tiles to fp32 before every dot.
 """
@@ -118,7 +122,7 @@ def _fwd_loop(acc, l_i, m_i, q, q_docs, k_base, v_base, q_docs_row, k_docs_row, 
 def _fwd_kernel(Q, K, V, Out, Lse, QDocs, KDocs,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                num_heads, seq_q, seq_k, qk_scale,
+                num_heads, group, seq_q, seq_k, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -126,11 +130,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDocs, KDocs,
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
+    off_hk = off_h // group  # the K/V head this query head shares with its group
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qs, seq_q, offs_d, HEAD_DIM, True)
     # Document ids are [B, S] contiguous.
     q_docs_row = QDocs + off_b * seq_q
@@ -224,23 +229,20 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, QDocs, KDocs,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                     num_heads, seq_q, seq_k, sm_scale, qk_scale,
+                     num_kv_heads, group, seq_q, seq_k, sm_scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr):
+    # One program per (key block, batch, K/V head).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
+    off_b = (pid_bh // num_kv_heads).to(tl.int64)
+    off_hk = (pid_bh % num_kv_heads).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, True)
-    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, True)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DOut + off_b * stride_db + off_h * stride_dh
-    lse_row = Lse + pid_bh.to(tl.int64) * seq_q
-    delta_row = Delta + pid_bh.to(tl.int64) * seq_q
+    k = _load_rows(K + off_b * stride_kb + off_hk * stride_kh, offs_n, stride_ks, seq_k, offs_d, HEAD_DIM, True)
+    v = _load_rows(V + off_b * stride_vb + off_hk * stride_vh, offs_n, stride_vs, seq_k, offs_d, HEAD_DIM, True)
     q_docs_row = QDocs + off_b * seq_q
     k_docs_row = KDocs + off_b * seq_k
     k_docs = _load_docs(k_docs_row, offs_n, seq_k, HAS_DOCS)
@@ -259,17 +261,27 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, QDocs, KDocs,
         diag_end = 0
     if HAS_DOCS:
         diag_end = seq_q
-    dk, dv = _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds, lse_row,
-                        delta_row, offs_n, offs_d, start_n, k_hi, seq_q, seq_k, qk_scale, lo, diag_end, HEAD_DIM,
-                        BLOCK_M, CAUSAL, True, HAS_DOCS, SORTED, UPCAST, PRECISION)
-    dk, dv = _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds, lse_row,
-                        delta_row, offs_n, offs_d, start_n, k_hi, seq_q, seq_k, qk_scale, diag_end, seq_q, HEAD_DIM,
-                        BLOCK_M, CAUSAL, False, HAS_DOCS, SORTED, UPCAST, PRECISION)
+    # The group's query heads all read this K/V head: their contributions are summed here, in the fp32 dk, dv,
+    # and rounded to the input dtype once at the store. Summing per-head results after a 16-bit rounding would
+    # add one rounding per head; one writer per block also needs no atomics, so the sum is deterministic.
+    for g in range(group):
+        off_h = off_hk * group + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DOut + off_b * stride_db + off_h * stride_dh
+        # lse and delta are [B, Hq, Sq] contiguous.
+        lse_row = Lse + (off_b * num_kv_heads * group + off_h) * seq_q
+        delta_row = Delta + (off_b * num_kv_heads * group + off_h) * seq_q
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds,
+                            lse_row, delta_row, offs_n, offs_d, start_n, k_hi, seq_q, seq_k, qk_scale, lo, diag_end,
+                            HEAD_DIM, BLOCK_M, CAUSAL, True, HAS_DOCS, SORTED, UPCAST, PRECISION)
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_docs, q_base, do_base, q_docs_row, k_docs_row, stride_qs, stride_ds,
+                            lse_row, delta_row, offs_n, offs_d, start_n, k_hi, seq_q, seq_k, qk_scale, diag_end, seq_q,
+                            HEAD_DIM, BLOCK_M, CAUSAL, False, HAS_DOCS, SORTED, UPCAST, PRECISION)
 
     store_mask = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_n[:, None].to(tl.int64)
-    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + rows * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + rows * stride_dvs + offs_d[None, :]
+    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + rows * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + rows * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
 
@@ -299,7 +311,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, QDocs, KDocs,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                    stride_dqb, stride_dqs, stride_dqh,
-                   num_heads, seq_q, seq_k, sm_scale, qk_scale,
+                   num_heads, group, seq_q, seq_k, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, SORTED: tl.constexpr, UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -314,8 +326,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, QDocs, KDocs,
     do = _load_rows(DOut + off_b * stride_db + off_h * stride_dh, offs_m, stride_ds, seq_q, offs_d, HEAD_DIM, True)
     lse, delta = _load_row_stats(Lse + pid_bh.to(tl.int64) * seq_q, Delta + pid_bh.to(tl.int64) * seq_q, offs_m,
                                  seq_q)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    off_hk = off_h // group  # as in the forward
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
     q_docs_row = QDocs + off_b * seq_q
     k_docs_row = KDocs + off_b * seq_k
     q_docs = _load_docs(q_docs_row, offs_m, seq_q, HAS_DOCS)
@@ -350,12 +363,19 @@ def _interpreted() -> bool:
     return not isinstance(_fwd_kernel, JITFunction)
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[float, dict]:
-    """Validate inputs; return the softmax scale and the launch options shared by all kernels."""
-    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[float, int, dict]:
+    """Validate inputs; return the softmax scale, the query heads per K/V head and the kernels' launch options."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"triton attention expects q [B, Sq, H, D] and k, v [B, Sk, H, D]; got q {tuple(q.shape)}, "
+            f"triton attention expects q [B, Sq, Hq, D] and k, v [B, Sk, Hkv, D]; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    heads, kv_heads = q.shape[2], k.shape[2]
+    group = heads // kv_heads if kv_heads else 1  # no heads at all is an empty problem, not an error
+    if group * kv_heads != heads:
+        raise ValueError(
+            f"triton attention needs the query heads to be a multiple of the K/V heads (grouped-query "
+            f"attention); got Hq={heads}, Hkv={kv_heads}"
         )
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
@@ -379,7 +399,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[floa
         # fp32 inputs get full fp32 products; TF32 would silently cost three decimal digits.
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
-    return (1.0 / math.sqrt(head_dim) if scale is None else scale), options
+    return (1.0 / math.sqrt(head_dim) if scale is None else scale), group, options
 
 
 def _document_args(
@@ -423,12 +443,13 @@ def triton_attention_forward(
     q_docs: Tensor | None = None,
     k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q: [B, Sq, H, D]; k, v: [B, Sk, H, D] -> out [B, Sq, H, D] (q.dtype), lse [B, H, Sq] float32.
+    """q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] -> out [B, Sq, Hq, D] (q.dtype), lse [B, Hq, Sq] float32.
 
-    Rows that see no key get out = 0 and lse = -inf. block_m / block_n override the tile sizes. q_docs [B, Sq]
-    and k_docs [B, Sk]: document ids, a query attends only to keys of its own document.
+    Hkv divides Hq: query head h reads K/V head h // (Hq // Hkv). Rows that see no key get out = 0 and
+    lse = -inf. block_m / block_n override the tile sizes. q_docs [B, Sq] and k_docs [B, Sk]: document ids, a
+    query attends only to keys of its own document.
     """
-    scale, options = _prepare(q, k, v, scale)
+    scale, group, options = _prepare(q, k, v, scale)
     check_document_ids(q, k, q_docs, k_docs)
     q, k, v = _last_dim_contiguous(q, k, v)
     batch, seq_q, heads, _ = q.shape
@@ -443,7 +464,7 @@ def triton_attention_forward(
     q_docs, k_docs, doc_flags = _document_args(q, q_docs, k_docs, lse)
     _fwd_kernel[grid](
         q, k, v, out, lse, q_docs, k_docs, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, num_stages=3, **doc_flags, **options, **config,
+        heads, group, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, num_stages=3, **doc_flags, **options, **config,
     )
     return out, lse
 
@@ -463,20 +484,22 @@ def triton_attention_backward(
     q_docs: Tensor | None = None,
     k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dout, out: [B, Sq, H, D]; lse: [B, H, Sq] (the global one in a ring) -> dq [B, Sq, H, D], dk, dv [B, Sk, H, D].
+    """dout, out: [B, Sq, Hq, D]; lse: [B, Hq, Sq] (the global one in a ring); k, v: [B, Sk, Hkv, D]
+    -> dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D].
 
-    Gradients come back in the input dtypes; all accumulation is fp32. q_docs, k_docs: as in the forward.
+    Gradients come back in the input dtypes; all accumulation is fp32, including dk, dv's sum over the query
+    heads of a group. q_docs, k_docs: as in the forward.
     """
-    scale, options = _prepare(q, k, v, scale)
+    scale, group, options = _prepare(q, k, v, scale)
     check_document_ids(q, k, q_docs, k_docs)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(
-            f"triton attention backward expects dout, out like q {tuple(q.shape)} and lse [B, H, Sq]; got dout "
+            f"triton attention backward expects dout, out like q {tuple(q.shape)} and lse [B, Hq, Sq]; got dout "
             f"{tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}"
         )
     dout, out, q, k, v = _last_dim_contiguous(dout, out, q, k, v)
     batch, seq_q, heads, _ = q.shape
-    seq_k = k.shape[1]
+    seq_k, kv_heads = k.shape[1], k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -492,12 +515,13 @@ def triton_attention_backward(
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     q_docs, k_docs, doc_flags = _document_args(q, q_docs, k_docs, lse)
-    _bwd_dkdv_kernel[(triton.cdiv(seq_k, config["BLOCK_N"]), batch * heads)](
-        q, k, v, dout, lse, delta, dk, dv, q_docs, k_docs, *common, *_strides(dk), *_strides(dv),
-        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
+    # Delta is per query head; dk, dv are per K/V head, each program summing over its group.
+    _bwd_dkdv_kernel[(triton.cdiv(seq_k, config["BLOCK_N"]), batch * kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, q_docs, k_docs, *common, *_strides(dk), *_strides(dv), kv_heads, group,
+        seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
     )
     _bwd_dq_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
         q, k, v, dout, lse, delta, dq, q_docs, k_docs, *common, *_strides(dq),
-        heads, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
+        heads, group, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
     )
     return dq, dk, dv

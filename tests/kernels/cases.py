@@ -74,6 +74,28 @@ def check_block(
         assert_close(grad, ref, dtype, "grad", name)
 
 
+def check_gqa_block(
+    forward: Forward, backward: Backward, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, *, causal: bool,
+    **docs: Tensor,
+) -> None:
+    """check_block for grouped-query attention: q, dout [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D], Hkv dividing Hq.
+    The float64 reference expands K/V (query head h reads K/V head h // (Hq // Hkv)) and sums dk, dv per group."""
+    dtype, kv_heads = q.dtype, k.shape[2]
+    group = q.shape[2] // kv_heads
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference(
+        q, *(t.double().repeat_interleave(group, dim=2) for t in (k, v)), dout, causal=causal, **docs
+    )
+    ref_dk, ref_dv = (grad.unflatten(2, (kv_heads, group)).sum(3) for grad in (ref_dk, ref_dv))
+    out, lse = forward(q, k, v, causal=causal, **docs)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert_close(out, ref_out, dtype, "out", "gqa out")
+    assert_close(lse, ref_lse, dtype, "lse", "gqa lse")
+    grads = backward(dout, q, k, v, out, lse, causal=causal, **docs)
+    for name, grad, ref, inp in zip(("dq", "dk", "dv"), grads, (ref_dq, ref_dk, ref_dv), (q, k, v), strict=True):
+        assert grad.dtype == dtype and grad.shape == inp.shape, f"gqa {name}: {grad.dtype} {tuple(grad.shape)}"
+        assert_close(grad, ref, dtype, "grad", f"gqa {name}")
+
 def merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """LSE merge of two partial attentions over disjoint key sets. out: [B, S, H, D]; lse: [B, H, S]."""
     acc = torch.promote_types(lse.dtype, torch.float32)

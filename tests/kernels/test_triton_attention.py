@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUPS = ["block", "split", "edge", "docs"]
+GROUPS = ["block", "split", "edge", "docs", "gqa"]
 
 
 def _run_check(groups: list[str], device: str, interpret: bool) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from kernels import attention_backward, attention_forward
 from kernels.triton_attention import triton_attention_backward, triton_attention_forward
-from tests.kernels.cases import check_block, check_split, document_ids, make_inputs, reference
+from tests.kernels.cases import check_block, check_gqa_block, check_split, document_ids, make_inputs, reference
 
 DTYPES = (torch.float32, torch.bfloat16)
 # (causal, seq_q, seq_k)
@@ -138,7 +138,55 @@ def check_documents(device: str, blocks: tuple[int | None, int | None]) -> None:
                 *inputs, causal=True, q_docs=packed.to(device), k_docs=packed.to(device))
 
 
-GROUPS = {"block": check_blocks, "split": check_splits, "edge": check_edges, "docs": check_documents}
+def _gqa_inputs(device: str, batch: int, seq_q: int, seq_k: int, heads: int, kv_heads: int, dtype: torch.dtype,
+                seed: int) -> tuple[torch.Tensor, ...]:
+    # q, dout [B, Sq, Hq, 16]; k, v [B, Sk, Hkv, 16], contiguous as a model's K/V projection lays them out.
+    q, k, v, dout = make_inputs(batch, seq_q, seq_k, heads, 16, dtype, seed=seed)
+    k, v = (t[:, :, :kv_heads].contiguous() for t in (k, v))
+    return tuple(t.to(device) for t in (q, k, v, dout))
+
+
+def check_gqa(device: str, blocks: tuple[int | None, int | None]) -> None:
+    forward, backward = _kernels(*blocks)
+    # (heads, kv_heads, dtype, causal, seq_q, seq_k). Groups of 2 (4 / 2: a head mapping of h % Hkv instead of
+    # h // group reads the wrong K/V head) and 4 (4 / 1), both masks, key and query tails; batch 2 so dk, dv's
+    # lse and delta rows are found per (batch, query head).
+    cases = [(4, 2, torch.float32, True, 24, 40), (4, 2, torch.float32, False, 40, 17),
+             (4, 2, torch.float32, True, 40, 17), (4, 1, torch.float32, False, 24, 40),
+             (4, 1, torch.float32, True, 40, 40), (4, 2, torch.bfloat16, True, 40, 17),
+             (4, 1, torch.bfloat16, False, 24, 40)]
+    for seed, (heads, kv_heads, dtype, causal, seq_q, seq_k) in enumerate(cases, start=11):
+        inputs = _gqa_inputs(device, 2, seq_q, seq_k, heads, kv_heads, dtype, seed)
+        check_gqa_block(forward, backward, *inputs, causal=causal)
+    # Document ids are per batch row and shared by every head: sorted ids (tile skipping) and partly disjoint
+    # ones (rows with no key: out 0, lse -inf).
+    packed = document_ids([1, 15, 1, 7, 16], [40])
+    q_disjoint, k_disjoint = document_ids([4, 16, 20], [8, 8, 16, 8]), document_ids([0, 20, 20], [0, 8, 8, 0, 24])
+    for kv_heads, causal, q_docs, k_docs in ((2, True, packed, packed), (1, False, q_disjoint, k_disjoint)):
+        inputs = _gqa_inputs(device, 2, 40, 40, 4, kv_heads, torch.float32, seed=20)
+        check_gqa_block(forward, backward, *inputs, causal=causal, q_docs=q_docs.to(device),
+                        k_docs=k_docs.to(device))
+    # K/V heads strided apart (every other head of a wider tensor).
+    q, k, v, dout = make_inputs(2, 24, 21, 4, 16, torch.float32, seed=21)
+    check_gqa_block(forward, backward, q.to(device), k[:, :, ::2].to(device), v[:, :, ::2].to(device),
+                    dout.to(device), causal=True)
+
+    q, k, v, dout = _gqa_inputs(device, 1, 8, 8, 4, 2, torch.float32, seed=0)
+    for bad_call, message in (
+        (lambda: forward(q[:, :, :3], k, v, causal=True), "Hq=3, Hkv=2"),
+        (lambda: forward(q, k, v[:, :, :1], causal=True), "k, v [B, Sk, Hkv, D]"),
+        (lambda: backward(dout, q, k, v, q, torch.zeros(1, 2, 8), causal=True), "lse [B, Hq, Sq]"),
+    ):
+        try:
+            bad_call()
+        except ValueError as err:
+            assert message in str(err), f"expected {message!r} in: {err}"
+        else:
+            raise AssertionError(f"no ValueError mentioning {message!r}")
+
+
+GROUPS = {"block": check_blocks, "split": check_splits, "edge": check_edges, "docs": check_documents,
+          "gqa": check_gqa}
 
 
 def main(argv: list[str] | None = None) -> int:
