@@ -96,6 +96,8 @@ def test_bad_backend_name():
     with pytest.raises(ValueError, match="backend='cuda'"):
         attention_forward(q, k, v, causal=True, backend="cuda")
     with pytest.raises(ValueError, match="choose one of"):
+        attention(q, k, v, backend="fast")
+    with pytest.raises(ValueError, match="backend='flash' cannot run these inputs: it runs on CUDA tensors"):
         attention(q, k, v, backend="flash")
 
 
@@ -110,16 +112,32 @@ def test_bad_backend_name():
 )
 def test_mismatched_shapes(q_shape, k_shape, v_shape):
     q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape)
-    with pytest.raises(ValueError, match=r"q \[B, Sq, H, D\]"):
+    with pytest.raises(ValueError, match=r"q \[B, Sq, Hq, D\]"):
         attention_forward(q, k, v, causal=False)
-    with pytest.raises(ValueError, match=r"q \[B, Sq, H, D\]"):
+    with pytest.raises(ValueError, match=r"q \[B, Sq, Hq, D\]"):
         attention_backward(q, q, k, v, q, torch.zeros(1), causal=False)
 
 
-def test_block_kernels_need_equal_heads():
-    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
-    with pytest.raises(ValueError, match="equal head counts"):
-        attention_forward(q, k, v, causal=True)
+@pytest.mark.parametrize("backend", ["aten", "reference"])
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+@pytest.mark.parametrize(("causal", "seq_q", "seq_k"), [(True, 21, 21), (False, 21, 30)])
+def test_block_kernels_take_grouped_kv(backend, num_kv_heads, causal, seq_q, seq_k):
+    # Grouped K/V go in as they are; dK/dV come back with their heads, each group's sum in fp32 or better.
+    q, k, v, dout = make_inputs(2, seq_q, seq_k, 4, 16, torch.float64, seed=5)
+    k, v = k[:, :, :num_kv_heads].contiguous(), v[:, :, :num_kv_heads].contiguous()
+    out, lse = attention_forward(q, k, v, causal=causal, backend=backend)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=causal, backend=backend)
+    group = 4 // num_kv_heads
+    k_full, v_full = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    ref_out, ref_lse = attention_forward(q, k_full, v_full, causal=causal, backend="reference")
+    ref_dq, ref_dk, ref_dv = attention_backward(dout, q, k_full, v_full, ref_out, ref_lse, causal=causal,
+                                                backend="reference")
+    assert dk.shape == dv.shape == k.shape
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dq, ref_dq, rtol=1e-10, atol=1e-10)
+    for grad, full in ((dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(grad, full.unflatten(2, (num_kv_heads, group)).sum(3), rtol=1e-10, atol=1e-10)
 
 
 def test_gqa_heads_not_multiple():

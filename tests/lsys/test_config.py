@@ -81,6 +81,8 @@ BAD = [
     (["parallel.tp=2", "model.tie_embeddings=true"], "model.tie_embeddings=True"),
     (["parallel.tp=2", "parallel.cp_ring=2", "data.seq_len=36"], "data.seq_len=36: must be divisible by 8"),
     (["model.hidden_sise=64"], "'model.hidden_sise'"),
+    (["model.attention_backend=fast"], "model.attention_backend='fast': choose one of auto, aten, flash"),
+    (["model.attention_backend=flash", "train.device=cpu"], "CUDA attention ops need a GPU"),
     (["train.steps=many"], "'train.steps'"),
     (["trainsteps"], "not key=value"),
     (["parallel.cp_ring=2", "data.seq_len=30"], "data.seq_len=30: must be divisible by 4"),
