@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.attention_kernels import attention_flops as forward_flops
 from kernels import (
     attention_backward,
     attention_forward,
@@ -162,9 +163,8 @@ def runnable(backend: str, x: dict[str, Tensor], dtype: torch.dtype, causal: boo
 # --- speed ---------------------------------------------------------------------------------------------------
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, backward: bool) -> float:
-    """By the usual convention: forward is two [S, S, D] matmuls (half of them causal); backward 2.5x forward."""
-    forward = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
-    return forward * (3.5 if backward else 1.0)
+    """Forward FLOPs by bench/attention_kernels.py's convention; with the backward 3.5x forward."""
+    return forward_flops(batch, heads, seq, head_dim, causal) * (3.5 if backward else 1.0)
 
 
 def median_ms(fn: Callable[[], object], device: str) -> float:
