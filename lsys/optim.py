@@ -209,6 +209,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         index = self._bucket_of[id(param)]
         bucket = self.buckets[index]
         bucket.waiting -= 1
+        if bucket.waiting < 0:  # its copy may be under way: the store would miss (or half-see) this change
+            raise RuntimeError("an offloaded parameter's gradient changed after its bucket was sent: "
+                               "stream_gradients() holds one backward, the last of the step")
         if bucket.waiting == 0:
             self._send(index)
         self._arrived(wait=False)

@@ -239,6 +239,15 @@ def test_a_parameter_without_gradient_still_stops_the_step():
         optimizer.step()
 
 
+def test_a_gradient_after_its_bucket_was_sent_is_refused():
+    model = _model()
+    optimizer = _offloaded(model, 1.0)
+    with optimizer.stream_gradients():
+        _loss(model, 0).backward()  # every bucket sent
+        with pytest.raises(RuntimeError, match="gradient changed after its bucket was sent"):
+            _loss(model, 1).backward()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
 def test_side_stream_copies_give_the_parameters_of_synchronous_ones():
     """On CUDA the hooks copy into pinned buffers on a side stream and return at once; clipping then scales the
