@@ -76,6 +76,9 @@ class TrainingOptimizer(Protocol):
     def held_state_tensors(self) -> list[Tensor]:
         """The state tensors this rank holds itself, as local shards (none of what an optimizer store keeps)."""
 
+    def host_buffers(self) -> list[Tensor]:
+        """Host memory this rank holds besides its state: the buffers gradients leave through for a store."""
+
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
         """This optimizer's entries of the checkpoint's DCP state dict (resharded on load); may be empty."""
 
@@ -116,6 +119,9 @@ class LocalAdamW(torch.optim.AdamW):
 
     def held_state_tensors(self) -> list[Tensor]:
         return [local_shard(v) for state in self.state.values() for v in state.values() if isinstance(v, Tensor)]
+
+    def host_buffers(self) -> list[Tensor]:
+        return []
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
         return {"optimizer": get_optimizer_state_dict(model, self)}
@@ -297,6 +303,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def held_state_tensors(self) -> list[Tensor]:
         return self.kept.held_state_tensors() if self.kept is not None else []
+
+    def host_buffers(self) -> list[Tensor]:
+        # As many bytes as the offloaded gradients, for the whole run (pinned on CUDA): 2 bytes per offloaded
+        # parameter beside the store's 12 for bf16 models, so the memory tools count them.
+        return [bucket.host for bucket in self.buckets if bucket.host is not None]
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:  # noqa: ARG002 - all of it is per rank
         return {}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from launch.ray_offload import from_wire, local_store, to_wire
+from lsys.memory.tracker import MemoryTracker
 from lsys.optim import OffloadedAdamW, OptimizerStore, parameter_groups, state_bytes
 
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
@@ -246,6 +247,30 @@ def test_a_gradient_after_its_bucket_was_sent_is_refused():
         _loss(model, 0).backward()  # every bucket sent
         with pytest.raises(RuntimeError, match="gradient changed after its bucket was sent"):
             _loss(model, 1).backward()
+
+
+def test_the_memory_tracker_counts_the_buffers_as_host_memory():
+    model = _model()
+    optimizer = _offloaded(model, 0.5)
+
+    def tracked_step(tracker: MemoryTracker, step: int) -> None:
+        with optimizer.stream_gradients():
+            with tracker.phase("forward"):
+                loss = _loss(model, step)
+            with tracker.phase("backward"):
+                loss.backward()
+        with tracker.phase("optimizer"):
+            _clipped_step(model, optimizer)
+
+    first, later = MemoryTracker(model, optimizer), MemoryTracker(model, optimizer)
+    with first:  # the buffers are made in the first step's backward
+        for step in range(2):
+            tracked_step(first, step)
+    with later:  # they are there before tracking starts
+        tracked_step(later, 2)
+    held = sum(t.nbytes for t in optimizer.host_buffers())
+    assert held == 4 * sum(p.numel() for bucket in optimizer.buckets for p in bucket.params)
+    assert first.usage().host_peak_bytes == later.usage().host_peak_bytes == held
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
