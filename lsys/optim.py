@@ -6,14 +6,16 @@ asks which optimizer it has.
 With `optim.offload=cpu` a rank keeps only its parameters and gradients (16- or 32-bit, the local shards when
 FSDP2 or tensor parallelism shard them). An `OptimizerStore` (a Ray actor, launch/ray_offload.py, on any node)
 holds the fp32 master copy of those shards and both Adam moments: 12 bytes per parameter that leave the rank.
-Gradients travel while backward still runs; the step then sends the clipping factor and each group's learning
-rate, and copies the updated parameters back. The update is AdamW's, so clipping and the schedule behave exactly
-as without offload.
+Gradients travel while backward still runs, through a host buffer per bucket (pinned, and copied on a side
+stream, when they are on CUDA, so backward does not wait for the copies); the step then sends the clipping
+factor and each group's learning rate, and copies the updated parameters back. The update is AdamW's, so
+clipping and the schedule behave exactly as without offload.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,7 +35,8 @@ class OptimizerStore(Protocol):
              wire_dtype: torch.dtype) -> None: ...
 
     def put_grad(self, bucket: int, grad: Tensor) -> None:
-        """Start sending one bucket's gradient (flat, wire_dtype); returns at once."""
+        """Start sending one bucket's gradient (flat, wire_dtype); returns at once. The store keeps nothing of
+        `grad`'s memory after returning: the caller copies the next step's gradient into it."""
 
     def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
         """Scale every bucket's gradient, take the AdamW step, and yield the updated parameters bucket by bucket.
@@ -72,6 +75,9 @@ class TrainingOptimizer(Protocol):
 
     def held_state_tensors(self) -> list[Tensor]:
         """The state tensors this rank holds itself, as local shards (none of what an optimizer store keeps)."""
+
+    def host_buffers(self) -> list[Tensor]:
+        """Host memory this rank holds besides its state: the buffers gradients leave through for a store."""
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
         """This optimizer's entries of the checkpoint's DCP state dict (resharded on load); may be empty."""
@@ -114,6 +120,9 @@ class LocalAdamW(torch.optim.AdamW):
     def held_state_tensors(self) -> list[Tensor]:
         return [local_shard(v) for state in self.state.values() for v in state.values() if isinstance(v, Tensor)]
 
+    def host_buffers(self) -> list[Tensor]:
+        return []
+
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
         return {"optimizer": get_optimizer_state_dict(model, self)}
 
@@ -126,16 +135,18 @@ class _Bucket:
     group: int
     params: list[nn.Parameter]  # in the order their gradients are expected: reversed model order
     waiting: int = 0  # gradients of this bucket not yet final in the current backward
+    host: Tensor | None = None  # [elements] wire_dtype: its flat gradient on the host, made at its first send
 
 
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW over the parameter `groups`; the state of the first `fraction` of the elements lives in `store`.
 
     Offloaded parameters are cut into buckets of about `bucket_elements`. Inside `stream_gradients()` (the
-    backward that makes gradients final) a bucket's gradient is sent as soon as all of its parameters' gradients
-    are final, while backward goes on with earlier layers. `step(grad_scale)` then sends the clipping factor and
-    the learning rates, and copies each bucket's updated parameters in as they come back. The offloaded state is
-    tied to this rank's shards, so checkpoints keep it per rank (rank_state), not in DCP.
+    backward that makes gradients final) a bucket's gradients are copied into its host buffer as soon as all of
+    them are final, while backward goes on with earlier layers, and the buffer goes to the store once the copy has
+    arrived (at once on CPU; on CUDA at a later hook, or when the step needs it). `step(grad_scale)` then sends
+    the clipping factor and the learning rates, and copies each bucket's updated parameters in as they come back.
+    The offloaded state is tied to this rank's shards, so checkpoints keep it per rank (rank_state), not in DCP.
     """
 
     per_rank_state = True
@@ -170,7 +181,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
             lr=lr, betas=betas, eps=eps) if kept else None
         self.wire_dtype = params[0].dtype
         self._streaming = False
-        self._sent: set[int] = set()
+        self._sent: set[int] = set()  # buckets whose copy to the host has started since the last step
+        self._arriving: deque[tuple[int, torch.cuda.Event | None]] = deque()  # copies not yet given to the store
+        self._side: torch.cuda.Stream | None = None  # the copies' stream, when the gradients are on CUDA
         for p in params:
             if id(p) in offloaded:
                 p.register_post_accumulate_grad_hook(self._gradient_final)
@@ -193,6 +206,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
             yield
         finally:
             self._streaming = False
+            if self._side is not None:  # clipping scales the gradients in place: after the copies have read them
+                torch.cuda.current_stream(self._side.device).wait_stream(self._side)
 
     def _gradient_final(self, param: nn.Parameter) -> None:
         if not self._streaming:
@@ -200,17 +215,59 @@ class OffloadedAdamW(torch.optim.Optimizer):
         index = self._bucket_of[id(param)]
         bucket = self.buckets[index]
         bucket.waiting -= 1
+        if bucket.waiting < 0:  # its copy may be under way: the store would miss (or half-see) this change
+            raise RuntimeError("an offloaded parameter's gradient changed after its bucket was sent: "
+                               "stream_gradients() holds one backward, the last of the step")
         if bucket.waiting == 0:
             self._send(index)
+        self._arrived(wait=False)
 
     def _send(self, index: int) -> None:
+        """Start copying the bucket's gradients into its host buffer; `_arrived` gives the buffer to the store."""
         bucket = self.buckets[index]
         missing = [p for p in bucket.params if p.grad is None]
         if missing:
             raise RuntimeError(f"{len(missing)} offloaded parameters have no gradient; every parameter must take "
                                "part in the loss")
-        self.store.put_grad(index, self._flat([local_shard(p.grad) for p in bucket.params], self.wire_dtype))
+        grads = [local_shard(p.grad) for p in bucket.params]
+        if bucket.host is None:  # once, at the first step; every later step reuses it
+            bucket.host = torch.empty(sum(g.numel() for g in grads), dtype=self.wire_dtype, device="cpu",
+                                      pin_memory=grads[0].is_cuda)
+        self._arriving.append((index, self._copy(grads, bucket.host)))
         self._sent.add(index)
+
+    def _copy(self, grads: list[Tensor], host: Tensor) -> torch.cuda.Event | None:
+        """host <- the gradients, flat. On CPU now (None); on CUDA queued on the side stream: the event marks
+        when the copy has arrived, and backward goes on meanwhile."""
+        if not grads[0].is_cuda:
+            _copy_flat(host, grads, non_blocking=False)
+            return None
+        # -- CUDA --
+        if self._side is None:
+            self._side = torch.cuda.Stream(grads[0].device)
+        self._side.wait_stream(torch.cuda.current_stream(grads[0].device))  # where the gradients were made
+        with torch.cuda.stream(self._side):
+            _copy_flat(host, grads, non_blocking=True)
+        for g in grads:
+            g.record_stream(self._side)  # their memory is not handed out again before the copy has read it
+        return self._side.record_event()
+
+    def _arrived(self, wait: bool) -> None:
+        """Give the store each bucket whose copy has arrived, in the order the copies started (so the same order
+        on every run); with `wait`, every one, waiting for copies still under way.
+
+        The buffer is free again once put_grad returns: the in-process store copies it (AdamShard.put_grad), and
+        Ray serialises a task's arguments when the call is submitted, into its object store (over 100 KB) or into
+        the task itself (checked with Ray 2.60: an array overwritten right after `.remote()` reaches the actor
+        with its old values). The next step's copy into it starts after that."""
+        while self._arriving:
+            index, event = self._arriving[0]
+            if event is not None:
+                if not (wait or event.query()):
+                    return
+                event.synchronize()
+            self._arriving.popleft()
+            self.store.put_grad(index, self.buckets[index].host)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: Tensor | float = 1.0):  # noqa: ARG002 - the torch.optim signature
@@ -219,6 +276,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         for index in range(len(self.buckets)):
             if index not in self._sent:  # not streamed (no stream_gradients) or a gradient came late
                 self._send(index)
+        self._arrived(wait=True)
         self._sent.clear()
         lrs = [self.param_groups[b.group]["lr"] for b in self.buckets]
         for bucket, flat in zip(self.buckets, self.store.step(grad_scale, lrs), strict=True):
@@ -238,12 +296,18 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def discard_gradients(self) -> None:
         """Skip this step: the gradients already sent are dropped and neither masters nor moments change."""
+        self._arrived(wait=True)  # so none arrives after the store has dropped the others
         self.store.drop_gradients()
         self._sent.clear()
         self.zero_grad(set_to_none=True)
 
     def held_state_tensors(self) -> list[Tensor]:
         return self.kept.held_state_tensors() if self.kept is not None else []
+
+    def host_buffers(self) -> list[Tensor]:
+        # As many bytes as the offloaded gradients, for the whole run (pinned on CUDA): 2 bytes per offloaded
+        # parameter beside the store's 12 for bf16 models, so the memory tools count them.
+        return [bucket.host for bucket in self.buckets if bucket.host is not None]
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:  # noqa: ARG002 - all of it is per rank
         return {}
@@ -267,6 +331,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.store.load(state["offloaded"])
         if self.kept is not None:
             self.kept.load_state_dict(state["kept"])
+
+
+def _copy_flat(flat: Tensor, tensors: list[Tensor], non_blocking: bool) -> None:
+    """flat [sum of numels] <- the tensors one after another, cast to flat's dtype."""
+    offset = 0
+    for t in tensors:
+        flat[offset:offset + t.numel()].copy_(t.reshape(-1), non_blocking=non_blocking)
+        offset += t.numel()
 
 
 def build_optimizer(cfg: LsysConfig, model: nn.Module, store: OptimizerStore | None) -> TrainingOptimizer:

@@ -1,5 +1,6 @@
 """The offloaded optimizer in one process (its store an in-process AdamShard, no Ray): AdamW's update, clipping
-and schedule included, for any offloaded fraction; its state survives a checkpoint round trip exactly."""
+and schedule included, for any offloaded fraction; its state survives a checkpoint round trip exactly; gradients
+reach the store through one host buffer per bucket, in the order backward finishes the buckets."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from launch.ray_offload import from_wire, local_store, to_wire
-from lsys.optim import OffloadedAdamW, parameter_groups, state_bytes
+from lsys.memory.tracker import MemoryTracker
+from lsys.optim import OffloadedAdamW, OptimizerStore, parameter_groups, state_bytes
 
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 
@@ -24,6 +26,7 @@ def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def _loss(model: nn.Module, step: int) -> torch.Tensor:
     tokens = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(step))
+    tokens = tokens.to(next(model.parameters()).device)
     logits = model(tokens).float()
     return nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(1, dims=1).flatten())
 
@@ -44,10 +47,10 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, str
         optimizer.zero_grad(set_to_none=True)
 
 
-def _offloaded(model: nn.Module, fraction: float) -> OffloadedAdamW:
+def _offloaded(model: nn.Module, fraction: float, store: OptimizerStore | None = None) -> OffloadedAdamW:
     # Buckets of 100 elements: several per group, sent one by one as backward reaches them.
-    return OffloadedAdamW(parameter_groups(model, WEIGHT_DECAY), local_store(), lr=1e-2, betas=BETAS, eps=EPS,
-                          fraction=fraction, bucket_elements=100)
+    return OffloadedAdamW(parameter_groups(model, WEIGHT_DECAY), store or local_store(), lr=1e-2, betas=BETAS,
+                          eps=EPS, fraction=fraction, bucket_elements=100)
 
 
 @pytest.mark.parametrize(("fraction", "stream"), [(1.0, True), (0.5, True), (0.5, False)])
@@ -100,3 +103,193 @@ def test_bf16_travels_as_its_bit_pattern():
     wire = to_wire(values)
     assert wire.dtype.itemsize == 2
     assert torch.equal(from_wire(wire, torch.bfloat16), values)
+
+
+class _Recording:
+    """The store, keeping what each put_grad got (a copy: the buffer is the optimizer's again once it returns)."""
+
+    def __init__(self, store: OptimizerStore):
+        self.store = store
+        self.log: list[tuple[str, int, int, torch.Tensor | None]] = []  # (call, bucket, buffer address, gradient)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def put_grad(self, bucket: int, grad: torch.Tensor) -> None:
+        self.log.append(("put_grad", bucket, grad.data_ptr(), grad.clone()))
+        self.store.put_grad(bucket, grad)
+
+    def drop_gradients(self) -> None:
+        self.log.append(("drop_gradients", -1, 0, None))
+        self.store.drop_gradients()
+
+    def sent(self) -> list[int]:
+        return [bucket for call, bucket, _, _ in self.log if call == "put_grad"]
+
+
+def _streamed_backward(model: nn.Module, optimizer: OffloadedAdamW, step: int) -> tuple[dict, list[int]]:
+    """The step's last backward, gradients streamed as lsys.step runs it. Returns each bucket's flat gradient as
+    backward left it, on the CPU (what the store must get), and the buckets in the order backward made their last
+    gradient final."""
+    final: list[int] = []
+    bucket_of = {id(p): index for index, bucket in enumerate(optimizer.buckets) for p in bucket.params}
+    handles = [p.register_post_accumulate_grad_hook(lambda p: final.append(bucket_of[id(p)]))
+               for bucket in optimizer.buckets for p in bucket.params]
+    try:
+        with optimizer.stream_gradients():
+            _loss(model, step).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    flat = {index: torch.cat([p.grad.reshape(-1) for p in bucket.params]).cpu()
+            for index, bucket in enumerate(optimizer.buckets)}
+    last = {index: position for position, index in enumerate(final)}
+    return flat, sorted(last, key=last.__getitem__)
+
+
+def _clipped_step(model: nn.Module, optimizer: OffloadedAdamW) -> None:
+    """Clipping scales the local gradients in place (after the copies have read them); the step gets its factor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    optimizer.step(grad_scale=torch.clamp(0.5 / (norm + 1e-6), max=1.0).item())
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_each_bucket_reaches_the_store_through_its_own_buffer_as_backward_finishes_it():
+    model = _model()
+    store = _Recording(local_store())
+    optimizer = _offloaded(model, 1.0, store)
+    buffers = None
+    for step in range(3):
+        store.log.clear()
+        flat, finished = _streamed_backward(model, optimizer, step)
+        assert finished != sorted(finished)  # backward finishes the groups' buckets interleaved
+        assert store.sent() == finished, "each bucket once, as soon as backward has finished it"
+        _clipped_step(model, optimizer)
+        for _, bucket, address, grad in store.log:
+            assert address == optimizer.buckets[bucket].host.data_ptr()
+            assert torch.equal(grad, flat[bucket])
+        addresses = [bucket.host.data_ptr() for bucket in optimizer.buckets]
+        assert buffers in (None, addresses), "the buffers are made at the first step and reused after"
+        buffers = addresses
+    assert len(set(buffers)) == len(buffers)
+    assert not any(bucket.host.is_pinned() for bucket in optimizer.buckets)  # CPU gradients: plain host memory
+
+
+class _SlowCopy:
+    """Stands for a copy's CUDA event: the copy arrives once it has been asked about twice, or waited for."""
+
+    def __init__(self):
+        self.asked, self.arrived = 0, False
+
+    def query(self) -> bool:
+        self.asked += 1
+        self.arrived = self.arrived or self.asked >= 2
+        return self.arrived
+
+    def synchronize(self) -> None:
+        self.arrived = True
+
+
+def test_copies_under_way_reach_the_store_once_arrived_in_the_order_they_started(monkeypatch):
+    """The CUDA path's bookkeeping on CPU: each copy is reported under way until its (stand-in) event says it has
+    arrived; the result is the same, bit for bit, as with copies that arrive at once."""
+    model, twin = _model(), _model()
+    store = _Recording(local_store())
+    optimizer, reference = _offloaded(model, 1.0, store), _offloaded(twin, 1.0)
+    copies: dict[int, _SlowCopy] = {}
+    started: list[int] = []
+    copy, put_grad = optimizer._copy, store.put_grad
+
+    def slow_copy(grads, host):
+        assert copy(grads, host) is None  # made now on CPU; its stand-in event says it is still under way
+        started.append(next(i for i, bucket in enumerate(optimizer.buckets) if bucket.host is host))
+        copies[started[-1]] = _SlowCopy()
+        return copies[started[-1]]
+
+    def arrived_put_grad(bucket, grad):
+        assert copies[bucket].arrived, f"bucket {bucket} sent before its copy arrived"
+        put_grad(bucket, grad)
+
+    monkeypatch.setattr(optimizer, "_copy", slow_copy)
+    monkeypatch.setattr(store, "put_grad", arrived_put_grad)
+    for step in range(3):
+        store.log.clear()
+        started.clear()
+        _, finished = _streamed_backward(model, optimizer, step)
+        _streamed_backward(twin, reference, step)
+        during_backward = len(store.log)
+        if step == 2:  # a skipped step: what is under way arrives, then the store drops it
+            optimizer.discard_gradients()
+            reference.discard_gradients()
+            assert store.log[-1][0] == "drop_gradients" and store.sent() == started
+            break
+        _clipped_step(model, optimizer)
+        _clipped_step(twin, reference)
+        assert 0 < during_backward < len(optimizer.buckets), "some arrive at later hooks, the step waits for the rest"
+        assert started == finished and store.sent() == started
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_parameter_without_gradient_still_stops_the_step():
+    model = _model()
+    optimizer = _offloaded(model, 1.0)
+    with optimizer.stream_gradients():
+        model[0](torch.arange(11)).sum().backward()  # the embedding alone: the linear layers get no gradient
+    with pytest.raises(RuntimeError, match="offloaded parameters have no gradient; every parameter must take part"):
+        optimizer.step()
+
+
+def test_a_gradient_after_its_bucket_was_sent_is_refused():
+    model = _model()
+    optimizer = _offloaded(model, 1.0)
+    with optimizer.stream_gradients():
+        _loss(model, 0).backward()  # every bucket sent
+        with pytest.raises(RuntimeError, match="gradient changed after its bucket was sent"):
+            _loss(model, 1).backward()
+
+
+def test_the_memory_tracker_counts_the_buffers_as_host_memory():
+    model = _model()
+    optimizer = _offloaded(model, 0.5)
+
+    def tracked_step(tracker: MemoryTracker, step: int) -> None:
+        with optimizer.stream_gradients():
+            with tracker.phase("forward"):
+                loss = _loss(model, step)
+            with tracker.phase("backward"):
+                loss.backward()
+        with tracker.phase("optimizer"):
+            _clipped_step(model, optimizer)
+
+    first, later = MemoryTracker(model, optimizer), MemoryTracker(model, optimizer)
+    with first:  # the buffers are made in the first step's backward
+        for step in range(2):
+            tracked_step(first, step)
+    with later:  # they are there before tracking starts
+        tracked_step(later, 2)
+    held = sum(t.nbytes for t in optimizer.host_buffers())
+    assert held == 4 * sum(p.numel() for bucket in optimizer.buckets for p in bucket.params)
+    assert first.usage().host_peak_bytes == later.usage().host_peak_bytes == held
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
+def test_side_stream_copies_give_the_parameters_of_synchronous_ones():
+    """On CUDA the hooks copy into pinned buffers on a side stream and return at once; clipping then scales the
+    gradients in place. The store must still get the gradients as backward left them, and two steps must end
+    where the synchronous copies of the CPU path end."""
+    on_gpu, on_cpu = _model().cuda(), _model()
+    store = _Recording(local_store())
+    gpu, cpu = _offloaded(on_gpu, 1.0, store), _offloaded(on_cpu, 1.0)
+    for step in range(2):
+        store.log.clear()
+        flat, finished = _streamed_backward(on_gpu, gpu, step)
+        _streamed_backward(on_cpu, cpu, step)
+        _clipped_step(on_gpu, gpu)
+        _clipped_step(on_cpu, cpu)
+        assert store.sent() == finished
+        for _, bucket, _, grad in store.log:
+            assert torch.equal(grad, flat[bucket])
+    assert all(bucket.host.is_pinned() for bucket in gpu.buckets)
+    for a, b in zip(on_gpu.parameters(), on_cpu.parameters(), strict=True):
+        torch.testing.assert_close(a.cpu(), b)

@@ -22,7 +22,8 @@ offloaded fraction), sharded over the replicas (dp x cp, FSDP2) and the tensor-p
 Host memory per rank (`host`), counted apart from the device total: with recompute.offload every layer's stored
 activations (the device keeps two layers': the one backward reads and the one brought back ahead of it); with
 parallel.fsdp_offload the parameters, gradients and moments; with optim.offload the offloaded fraction's fp32
-master weights and moments (DeepSpeed's CPU Adam, 12 bytes per parameter, in actors on the rank's node).
+master weights and moments (DeepSpeed's CPU Adam, 12 bytes per parameter, in actors on the rank's node) and the
+rank's host buffers its gradients leave through (train.param_dtype).
 
 What the formula does not know (docs/memory.md measures it): temporaries (gathered FSDP2 parameters, the output
 head's logits and their fp32 copy, backward workspaces, communication buffers) and this model's own layer
@@ -94,7 +95,7 @@ def analytic_estimate(cfg: LsysConfig, world_size: int, vocab_size: int) -> Anal
     layers = cfg.model.num_layers
     state = {"params": held * param_bytes, "grads": held * param_bytes,
              "optimizer": 2 * held * param_bytes * kept_state}
-    host = 12 * held * (1.0 - kept_state)
+    host = (12 + param_bytes) * held * (1.0 - kept_state)
     if p.fsdp_offload != "none":
         host += sum(state.values())
         state = dict.fromkeys(state, 0.0)

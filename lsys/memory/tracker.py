@@ -20,7 +20,8 @@ tracker works on real tensors (the profiler) and on fake ones, which own no memo
 - temporaries: everything else (workspaces, communication buffers, recomputed activations, unsharded gradients).
 
 Host memory is counted apart (`host_peak_bytes`): host copies of offloaded activations (recompute.offload,
-parallel.offload), made under `parallel.offload.host_allocations()` (timeline "offloaded"), and with
+parallel.offload), made under `parallel.offload.host_allocations()`; with optim.offload the buffers gradients
+leave the rank through (the optimizer's `host_buffers()`; both in the timeline's "offloaded"); and with
 `host_state` (parallel.fsdp_offload: FSDP2 keeps parameter and gradient shards on the host, where the optimizer
 steps) the params, grads and optimizer categories. `peak_bytes` is the device's; the breakdown gives every
 category at that moment, host ones included, and `host_categories` names the host ones. On CPU the host is the
@@ -62,7 +63,7 @@ from parallel.activations import OUTSIDE, split_path
 from parallel.offload import host_allocations_active
 
 CATEGORIES = ("params", "gathered_params", "grads", "optimizer", "activations", "temporaries")  # device memory
-HOST = "offloaded"  # host copies of offloaded activations
+HOST = "offloaded"  # host copies of offloaded activations, the optimizer's host buffers
 HOST_STATE = ("params", "grads", "optimizer")  # on the host too when FSDP2 offloads the state
 TIMELINE_POINTS = 600
 
@@ -252,6 +253,8 @@ class MemoryTracker(TorchDispatchMode):
         if name == "optimizer":
             for tensor in self.optimizer.held_state_tensors():
                 self._see(tensor, "optimizer")
+            for tensor in self.optimizer.host_buffers():  # made at the first step's backward
+                self._see(tensor, HOST)
         self._phases.append({"step": self._step, "phase": name, "start": self._phase_start, "end": self._clock})
         self._phase = "between"
 
@@ -287,6 +290,8 @@ class MemoryTracker(TorchDispatchMode):
             self._see(buffer, "params")
         for tensor in self.optimizer.held_state_tensors():
             self._see(tensor, "optimizer")
+        for tensor in self.optimizer.host_buffers():
+            self._see(tensor, HOST)
         for name, module in self.model.named_modules():
             path = name or OUTSIDE
             self._handles.append(module.register_forward_pre_hook(lambda *_, p=path: self._enter_module(p)))

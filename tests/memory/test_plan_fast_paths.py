@@ -60,6 +60,9 @@ class _NoOptimizer:
     def held_state_tensors(self) -> list:
         return []
 
+    def host_buffers(self) -> list:
+        return []
+
 
 def _quantize_peak(shapes_only: bool) -> dict[str, Any]:
     import torch
