@@ -27,6 +27,12 @@ from torch.distributed.tensor import DTensor
 
 from lsys.config import LsysConfig
 
+# The elements an offloaded parameter bucket gathers (a parameter shard larger than this is a bucket of its own).
+BUCKET_ELEMENTS = 2**22
+# Host buffers the gradients leave a rank through, each the size of the largest bucket: while one is filled, the
+# one before is on its way to the store; a third keeps backward from waiting on a copy still under way.
+GRADIENT_BUFFERS = 3
+
 
 class OptimizerStore(Protocol):
     """Holds fp32 master weights and Adam moments for flat parameter buckets, and steps them."""
@@ -135,16 +141,16 @@ class _Bucket:
     group: int
     params: list[nn.Parameter]  # in the order their gradients are expected: reversed model order
     waiting: int = 0  # gradients of this bucket not yet final in the current backward
-    host: Tensor | None = None  # [elements] wire_dtype: its flat gradient on the host, made at its first send
 
 
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW over the parameter `groups`; the state of the first `fraction` of the elements lives in `store`.
 
     Offloaded parameters are cut into buckets of about `bucket_elements`. Inside `stream_gradients()` (the
-    backward that makes gradients final) a bucket's gradients are copied into its host buffer as soon as all of
-    them are final, while backward goes on with earlier layers, and the buffer goes to the store once the copy has
-    arrived (at once on CPU; on CUDA at a later hook, or when the step needs it). `step(grad_scale)` then sends
+    backward that makes gradients final) a bucket's gradients are copied into a free host buffer (one of
+    GRADIENT_BUFFERS, each the size of the largest bucket) as soon as all of them are final, while backward goes
+    on with earlier layers, and the buffer goes to the store once the copy has arrived (at once on CPU; on CUDA at
+    a later hook, when a buffer is needed, or when the step needs it), which frees it. `step(grad_scale)` then sends
     the clipping factor and the learning rates, and copies each bucket's updated parameters in as they come back.
     The offloaded state is tied to this rank's shards, so checkpoints keep it per rank (rank_state), not in DCP.
     """
@@ -152,7 +158,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
     per_rank_state = True
 
     def __init__(self, groups: list[dict[str, Any]], store: OptimizerStore, *, lr: float, betas: tuple[float, float],
-                 eps: float, fraction: float, bucket_elements: int = 2**22):
+                 eps: float, fraction: float, bucket_elements: int = BUCKET_ELEMENTS):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.store = store
         params = [p for g in self.param_groups for p in g["params"]]
@@ -182,7 +188,12 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.wire_dtype = params[0].dtype
         self._streaming = False
         self._sent: set[int] = set()  # buckets whose copy to the host has started since the last step
-        self._arriving: deque[tuple[int, torch.cuda.Event | None]] = deque()  # copies not yet given to the store
+        # Copies not yet given to the store, oldest first: (bucket, buffer, its filled part, the copy's event or
+        # None once it has arrived).
+        self._arriving: deque[tuple[int, Tensor, Tensor, torch.cuda.Event | None]] = deque()
+        self._buffers: list[Tensor] = []  # the GRADIENT_BUFFERS host buffers
+        self._free: list[Tensor] = []  # those not holding a bucket on its way to the store
+        self._buffer_elements = max(self._sizes(), default=0)
         self._side: torch.cuda.Stream | None = None  # the copies' stream, when the gradients are on CUDA
         for p in params:
             if id(p) in offloaded:
@@ -230,10 +241,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
             raise RuntimeError(f"{len(missing)} offloaded parameters have no gradient; every parameter must take "
                                "part in the loss")
         grads = [local_shard(p.grad) for p in bucket.params]
-        if bucket.host is None:  # once, at the first step; every later step reuses it
-            bucket.host = torch.empty(sum(g.numel() for g in grads), dtype=self.wire_dtype, device="cpu",
-                                      pin_memory=grads[0].is_cuda)
-        self._arriving.append((index, self._copy(grads, bucket.host)))
+        if not self._buffers:  # all at the first send (as a plan counts them), reused after
+            self._buffers = [torch.empty(self._buffer_elements, dtype=self.wire_dtype, device="cpu",
+                                         pin_memory=grads[0].is_cuda) for _ in range(GRADIENT_BUFFERS)]
+            self._free = list(self._buffers)
+        if not self._free:  # every buffer holds a copy under way: the oldest is needed first
+            self._arrived(wait=True, until_free=True)
+        buffer = self._free.pop()
+        host = buffer[:sum(g.numel() for g in grads)]
+        self._arriving.append((index, buffer, host, self._copy(grads, host)))
         self._sent.add(index)
 
     def _copy(self, grads: list[Tensor], host: Tensor) -> torch.cuda.Event | None:
@@ -252,22 +268,24 @@ class OffloadedAdamW(torch.optim.Optimizer):
             g.record_stream(self._side)  # their memory is not handed out again before the copy has read it
         return self._side.record_event()
 
-    def _arrived(self, wait: bool) -> None:
+    def _arrived(self, wait: bool, until_free: bool = False) -> None:
         """Give the store each bucket whose copy has arrived, in the order the copies started (so the same order
-        on every run); with `wait`, every one, waiting for copies still under way.
+        on every run); with `wait`, every one (or, `until_free`, until a buffer is free), waiting for copies
+        still under way.
 
         The buffer is free again once put_grad returns: the in-process store copies it (AdamShard.put_grad), and
         Ray serialises a task's arguments when the call is submitted, into its object store (over 100 KB) or into
         the task itself (checked with Ray 2.60: an array overwritten right after `.remote()` reaches the actor
         with its old values). The next step's copy into it starts after that."""
-        while self._arriving:
-            index, event = self._arriving[0]
+        while self._arriving and not (until_free and self._free):
+            index, buffer, host, event = self._arriving[0]
             if event is not None:
                 if not (wait or event.query()):
                     return
                 event.synchronize()
             self._arriving.popleft()
-            self.store.put_grad(index, self.buckets[index].host)
+            self.store.put_grad(index, host)
+            self._free.append(buffer)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: Tensor | float = 1.0):  # noqa: ARG002 - the torch.optim signature
@@ -305,9 +323,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return self.kept.held_state_tensors() if self.kept is not None else []
 
     def host_buffers(self) -> list[Tensor]:
-        # As many bytes as the offloaded gradients, for the whole run (pinned on CUDA): 2 bytes per offloaded
-        # parameter beside the store's 12 for bf16 models, so the memory tools count them.
-        return [bucket.host for bucket in self.buckets if bucket.host is not None]
+        # GRADIENT_BUFFERS x the largest bucket, for the whole run (pinned on CUDA): the memory tools count them.
+        return list(self._buffers)
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:  # noqa: ARG002 - all of it is per rank
         return {}

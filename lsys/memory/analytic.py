@@ -23,7 +23,7 @@ Host memory per rank (`host`), counted apart from the device total: with recompu
 activations (the device keeps two layers': the one backward reads and the one brought back ahead of it); with
 parallel.fsdp_offload the parameters, gradients and moments; with optim.offload the offloaded fraction's fp32
 master weights and moments (DeepSpeed's CPU Adam, 12 bytes per parameter, in actors on the rank's node) and the
-rank's host buffers its gradients leave through (train.param_dtype).
+few host buffers the rank's gradients leave through (lsys.optim.GRADIENT_BUFFERS of a bucket each).
 
 What the formula does not know (docs/memory.md measures it): temporaries (gathered FSDP2 parameters, the output
 head's logits and their fp32 copy, backward workspaces, communication buffers) and this model's own layer
@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lsys.config import LsysConfig, ffn_hidden_size, head_dim
+from lsys.optim import BUCKET_ELEMENTS, GRADIENT_BUFFERS
 
 BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 PER_LAYER_16BIT = {"none": 34.0, "selective": 34.0, "full": 2.0}  # x s b h / t, scores term dropped
@@ -95,7 +96,9 @@ def analytic_estimate(cfg: LsysConfig, world_size: int, vocab_size: int) -> Anal
     layers = cfg.model.num_layers
     state = {"params": held * param_bytes, "grads": held * param_bytes,
              "optimizer": 2 * held * param_bytes * kept_state}
-    host = (12 + param_bytes) * held * (1.0 - kept_state)
+    offloaded = held * (1.0 - kept_state)
+    # The gradients' host buffers: a few of the largest bucket's size (larger when one parameter shard is).
+    host = 12 * offloaded + GRADIENT_BUFFERS * min(offloaded, BUCKET_ELEMENTS) * param_bytes
     if p.fsdp_offload != "none":
         host += sum(state.values())
         state = dict.fromkeys(state, 0.0)
