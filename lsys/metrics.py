@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -60,6 +59,8 @@ def resident_bytes() -> int:
     """Memory this process holds alone: its unique set size (shared pages such as Ray's object store left out),
     after handing the allocator's free pages back to the OS (glibc keeps them otherwise, e.g. those of the full
     model built before sharding)."""
+    import psutil  # here, not at the top: importing the trainer (a run's steps) needs no psutil, only this does
+
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
