@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results["train"] = train_smoke(device, args.quick, out.parent / "gpu_check_runs")
             console.print(smoke_table(results["train"]))
-            failed += [f"train {r['setting']}: non-finite loss" for r in results["train"] if not r["finite"]]
+            failed += [f"train {r['setting']}: non-finite loss" for r in results["train"] if not r["losses_finite"]]
         except Exception:  # noqa: BLE001 - recorded, and the check fails
             results["train"] = {"error": traceback.format_exc(limit=4)}
             failed.append("train: " + results["train"]["error"].strip().splitlines()[-1])

@@ -16,8 +16,8 @@ def _run(tmp_path, sections: str) -> tuple[int, dict]:
     return code, json.loads(out.read_text())
 
 
-def test_cpu_quick_kernel_sections_pass(tmp_path):
-    code, results = _run(tmp_path, "parity,ring,speed,quant")
+def test_cpu_quick_passes_every_section(tmp_path):
+    code, results = _run(tmp_path, ",".join(gpu_check.SECTIONS))
     assert code == 0 and results["failed"] == []
     cases = {(r["backend"], r["dtype"], r["seq"], r["head_dim"], r["causal"]) for r in results["parity"]}
     assert len(cases) == 16 and all(r["ok"] for r in results["parity"])  # aten: 2 dtypes x 2 S x 2 D x causal
@@ -26,6 +26,8 @@ def test_cpu_quick_kernel_sections_pass(tmp_path):
     assert all(r["forward_backward_tflops"] > 0 for r in results["speed"])
     assert results["quant"]["torch_quantize_gb_s"] > 0 and results["quant"]["bit_equal"] is None
     assert results["environment"]["device"] == "cpu"
+    assert [r["setting"] for r in results["train"]] == ["none", "selective+int8", "full"]
+    assert all(r["losses_finite"] and r["peak_planned_bytes"] > 0 for r in results["train"])
 
 
 def test_a_wrong_kernel_fails_the_check(tmp_path):
