@@ -6,7 +6,7 @@ VENV ?= .venv
 # dependency can pull a CUDA build. GPU users install into their own environment instead (see README).
 PIP_ENV = PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
 
-.PHONY: setup demo extend-demo test lint
+.PHONY: setup demo extend-demo test test-all lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
@@ -27,3 +27,7 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# Also the exhaustive variants (tests/conftest.py): every layout pair without savers, every fault target.
+test-all: lint
+	LSYS_EXHAUSTIVE=1 $(VENV)/bin/python -m pytest -q

@@ -73,15 +73,17 @@ def test_offloaded_adam_on_another_node_trains_like_local_adamw(home, local_run,
         torch.testing.assert_close(offloaded[name], local[name], msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_lost_worker_or_actor_resumes_offloaded_state_from_checkpoint(home, tmp_path):
+# Rank 1's process dies, or only the actor holding its state. A dying rank is what tests/test_ray_jobs.py's
+# restart test does without offload: that variant is exhaustive.
+@pytest.mark.parametrize("target", [pytest.param("rank", marks=pytest.mark.exhaustive), "optimizer"])
+def test_lost_worker_or_actor_resumes_offloaded_state_from_checkpoint(home, tmp_path, target):
     uninterrupted = tmp_path / "uninterrupted"
     by_label = ["optim.placement=label", "optim.label=lsys-node=1"]
     _submit(home, uninterrupted, *by_label)
-    for target in ("rank", "optimizer"):  # rank 1's process dies, or only the actor holding its state
-        faulted = tmp_path / f"faulted-{target}"
-        log = _submit(home, faulted, *by_label, "cluster.max_failures=1", "train.fail_at_step=4",
-                      f"train.fail_target={target}")
-        assert "resumed from step 2" in log, target
-        assert all(w["optimizer_node_id"] != w["node_id"] for w in _placements(faulted))
-        # The restarted ranks made new actors and loaded the state saved at step 2: the same steps, bit for bit.
-        torch.testing.assert_close(_losses(faulted), _losses(uninterrupted), rtol=0, atol=0, msg=target)
+    faulted = tmp_path / f"faulted-{target}"
+    log = _submit(home, faulted, *by_label, "cluster.max_failures=1", "train.fail_at_step=4",
+                  f"train.fail_target={target}")
+    assert "resumed from step 2" in log, target
+    assert all(w["optimizer_node_id"] != w["node_id"] for w in _placements(faulted))
+    # The restarted ranks made new actors and loaded the state saved at step 2: the same steps, bit for bit.
+    torch.testing.assert_close(_losses(faulted), _losses(uninterrupted), rtol=0, atol=0, msg=target)

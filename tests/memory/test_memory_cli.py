@@ -31,6 +31,7 @@ def test_profile_writes_every_ranks_breakdown_and_a_picture(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the planner at this scale: tests/memory/test_analytic_and_search.py traces and searches
 def test_plan_of_an_8b_model_at_1m_tokens_on_64_ranks(tmp_path):
     result = lsys("plan", "configs/gpu_8b_1m.yaml", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr
