@@ -423,12 +423,20 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_config(head_dim: int, block_m: int | None, block_n: int | None, default: tuple[int, int]) -> dict:
-    block_m, block_n = block_m or default[0], block_n or default[1]
+def _launch_config(q: Tensor, block_m: int | None, block_n: int | None, forward: bool) -> dict:
+    """Tiles, warps and pipeline stages. The loops stage their K/V (forward) or Q/dO (backward) tiles in shared
+    memory, one copy per stage: at bf16 tiles, fp32 heads of 128 would want about 256 KB of the 228 KB an H100/H200
+    SM has, so wide fp32 heads take half the rows and two stages (sized by that count; not yet measured)."""
+    wide_fp32 = q.dtype == torch.float32 and q.shape[3] > 64
+    if forward:
+        (default_m, default_n), stages = ((64, 64), 2) if wide_fp32 else ((128, 64), 3)
+    else:
+        (default_m, default_n), stages = ((32, 64), 2) if wide_fp32 else ((64, 64), 2)
+    block_m, block_n = block_m or default_m, block_n or default_n
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value}: must be a power of two >= 16")
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4 if head_dim <= 64 else 8}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4 if q.shape[3] <= 64 else 8, "num_stages": stages}
 
 
 def triton_attention_forward(
@@ -459,12 +467,12 @@ def triton_attention_forward(
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    config = _launch_config(q.shape[3], block_m, block_n, (128, 64))
+    config = _launch_config(q, block_m, block_n, forward=True)
     grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
     q_docs, k_docs, doc_flags = _document_args(q, q_docs, k_docs, lse)
     _fwd_kernel[grid](
         q, k, v, out, lse, q_docs, k_docs, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, group, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, num_stages=3, **doc_flags, **options, **config,
+        heads, group, seq_q, seq_k, scale * LOG2E, CAUSAL=causal, **doc_flags, **options, **config,
     )
     return out, lse
 
@@ -507,7 +515,7 @@ def triton_attention_backward(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     lse = lse.to(torch.float32).contiguous()
     delta = torch.empty_like(lse)
-    config = _launch_config(q.shape[3], block_m, block_n, (64, 64))
+    config = _launch_config(q, block_m, block_n, forward=False)
     block_d = options["BLOCK_D"]
     _bwd_delta_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
         out, dout, delta, *_strides(out), *_strides(dout), heads, seq_q,
@@ -518,10 +526,10 @@ def triton_attention_backward(
     # Delta is per query head; dk, dv are per K/V head, each program summing over its group.
     _bwd_dkdv_kernel[(triton.cdiv(seq_k, config["BLOCK_N"]), batch * kv_heads)](
         q, k, v, dout, lse, delta, dk, dv, q_docs, k_docs, *common, *_strides(dk), *_strides(dv), kv_heads, group,
-        seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
+        seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, **doc_flags, **options, **config,
     )
     _bwd_dq_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
         q, k, v, dout, lse, delta, dq, q_docs, k_docs, *common, *_strides(dq),
-        heads, group, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, num_stages=2, **doc_flags, **options, **config,
+        heads, group, seq_q, seq_k, scale, scale * LOG2E, CAUSAL=causal, **doc_flags, **options, **config,
     )
     return dq, dk, dv
