@@ -6,7 +6,7 @@ asks which optimizer it has.
 With `optim.offload=cpu` a rank keeps only its parameters and gradients (16- or 32-bit, the local shards when
 FSDP2 or tensor parallelism shard them). An `OptimizerStore` (a Ray actor, launch/ray_offload.py, on any node)
 holds the fp32 master copy of those shards and both Adam moments: 12 bytes per parameter that leave the rank.
-Gradients travel while backward still runs, through a host buffer per bucket (pinned, and copied on a side
+Gradients travel while backward still runs, through a few reused host buffers (pinned, and copied on a side
 stream, when they are on CUDA, so backward does not wait for the copies); the step then sends the clipping
 factor and each group's learning rate, and copies the updated parameters back. The update is AdamW's, so
 clipping and the schedule behave exactly as without offload.
@@ -234,7 +234,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._arrived(wait=False)
 
     def _send(self, index: int) -> None:
-        """Start copying the bucket's gradients into its host buffer; `_arrived` gives the buffer to the store."""
+        """Start copying the bucket's gradients into a free host buffer; `_arrived` gives it to the store."""
         bucket = self.buckets[index]
         missing = [p for p in bucket.params if p.grad is None]
         if missing:
