@@ -144,13 +144,14 @@ class ShardStore:
     def put_grad(self, bucket: int, grad: Tensor) -> None:
         self._in_flight.append(self.submit("put_grad", bucket, to_wire(grad)))
 
-    def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
+    def step(self, grad_scale: Tensor | float, lrs: list[float], prescaled: frozenset[int] = frozenset()
+             ) -> Iterator[Tensor]:
         grad_scale = float(grad_scale)
         for handle in self._in_flight:  # surfaces a failed transfer here, not silently
             self.result(handle)
         self._in_flight.clear()
         # Every bucket's step is queued at once: the actor computes bucket b+1 while b travels back.
-        handles = [self.submit("step_bucket", b, grad_scale, lr) for b, lr in enumerate(lrs)]
+        handles = [self.submit("step_bucket", b, 1.0 if b in prescaled else grad_scale, lr) for b, lr in enumerate(lrs)]
         for handle in handles:
             yield from_wire(self.result(handle), self.wire_dtype)
 

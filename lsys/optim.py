@@ -44,9 +44,10 @@ class OptimizerStore(Protocol):
         """Start sending one bucket's gradient (flat, wire_dtype); returns at once. The store keeps nothing of
         `grad`'s memory after returning: the caller copies the next step's gradient into it."""
 
-    def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
-        """Scale every bucket's gradient, take the AdamW step, and yield the updated parameters bucket by bucket.
-        `grad_scale` may be a scalar tensor: the store reads it when it needs the value."""
+    def step(self, grad_scale: Tensor | float, lrs: list[float], prescaled: frozenset[int] = frozenset()
+             ) -> Iterator[Tensor]:
+        """Scale every bucket's gradient but the `prescaled` ones', take the AdamW step, and yield the updated
+        parameters bucket by bucket. `grad_scale` may be a scalar tensor: the store reads it when it needs it."""
 
     def drop_gradients(self) -> None:
         """Forget the gradients sent since the last step (the step is skipped); waits for them to arrive first."""
@@ -289,15 +290,17 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: Tensor | float = 1.0):  # noqa: ARG002 - the torch.optim signature
-        """`grad_scale`: the factor clipping applied to the local gradients, which the sent ones have not seen
-        (a float, or a scalar tensor the store reads)."""
-        for index in range(len(self.buckets)):
-            if index not in self._sent:  # not streamed (no stream_gradients) or a gradient came late
-                self._send(index)
+        """`grad_scale`: the factor clipping applied to the local gradients, which the ones sent during backward
+        have not seen (a float, or a scalar tensor the store reads)."""
+        # Not streamed (no stream_gradients), or not made final by the last backward (a parameter only an earlier
+        # micro-batch reached): sent now, after clipping has scaled them in place, so the store must not again.
+        late = frozenset(index for index in range(len(self.buckets)) if index not in self._sent)
+        for index in sorted(late):
+            self._send(index)
         self._arrived(wait=True)
         self._sent.clear()
         lrs = [self.param_groups[b.group]["lr"] for b in self.buckets]
-        for bucket, flat in zip(self.buckets, self.store.step(grad_scale, lrs), strict=True):
+        for bucket, flat in zip(self.buckets, self.store.step(grad_scale, lrs, late), strict=True):
             offset = 0
             for p in bucket.params:
                 target = local_shard(p)

@@ -66,6 +66,28 @@ def test_offloaded_adamw_matches_torch_adamw(fraction, stream):
         torch.testing.assert_close(got, expected, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_a_bucket_the_last_micro_batch_does_not_reach_is_clipped_once():
+    """Two micro-batches, the last reaching only the output layer: the other buckets are not final in the
+    streamed backward, so they leave at the step, already clipped; the store must not scale them again."""
+    reference, model = _model(), _model()
+    adamw = torch.optim.AdamW(parameter_groups(reference, WEIGHT_DECAY), lr=1e-2, betas=BETAS, eps=EPS)
+    optimizer = _offloaded(model, 1.0)
+    for step in range(3):
+        for net, opt, stream in ((reference, adamw, False), (model, optimizer, True)):
+            _loss(net, step).backward()
+            with opt.stream_gradients() if stream else contextlib.nullcontext():
+                (3.0 * net[3].weight.square().sum()).backward()
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+            assert norm > 1.0  # clipping scales every gradient
+            if stream:
+                opt.step(grad_scale=torch.clamp(0.5 / (norm + 1e-6), max=1.0).item())
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, expected), got in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_state_round_trip_continues_exactly():
     model, twin = _model(), _model()
     optimizer = _offloaded(model, 0.5)

@@ -55,7 +55,8 @@ class PlannedStore:
     def drop_gradients(self) -> None:
         pass
 
-    def step(self, grad_scale: Tensor | float, lrs: list[float]) -> Iterator[Tensor]:
+    def step(self, grad_scale: Tensor | float, lrs: list[float], prescaled: frozenset[int] = frozenset()
+             ) -> Iterator[Tensor]:
         for size in self.sizes:
             yield torch.empty(size, dtype=self.wire_dtype)
 
