@@ -55,6 +55,8 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
                    help="host memory per rank the search may offload to (e.g. 256 for 2 TiB per 8-GPU node); "
                         "default: nothing is offloaded")
     p.add_argument("--top", type=int, default=3, help="candidates traced in the search (default 3)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="the search's traces run N at a time in child processes (default: the usable cores)")
     p.add_argument("--out", default=None, metavar="DIR", help="also write DIR/plan.json and DIR/plan.png")
     p.set_defaults(handler=plan_command)
 
@@ -128,6 +130,8 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
                              "e.g. 256, together with --budget-gib")
         if args.top < 1:
             raise ValueError(f"--top={args.top}: trace at least one candidate")
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs={args.jobs}: run at least one trace at a time")
         if args.out:
             check_run_dir(args.out, key="--out")
         vocab = vocabulary_size(cfg)
@@ -147,7 +151,7 @@ def plan_command(args: argparse.Namespace, console: Console) -> int:
         budget = Budget(round(args.budget_gib * GIB), host)
         try:
             with _search_progress(console) as progress:
-                found = search(cfg, world, budget, vocab, top=args.top, progress=progress)
+                found = search(cfg, world, budget, vocab, top=args.top, progress=progress, workers=args.jobs)
         except ValueError as exc:
             return exits.invalid_input(console, exc)
         output.print(_candidates(found, args.budget_gib, args.host_budget_gib))
@@ -175,7 +179,7 @@ def _search_progress(console: Console) -> Iterator[Callable[[str, int, int], Non
     """The search's traces as a progress bar on a terminal (`console` writes to stderr), else a line a trace."""
     if not console.is_terminal:
         def line(what: str, done: int, planned: int) -> None:
-            if done < planned:
+            if what and done < planned:
                 console.print(f"lsys plan: trace {done + 1}/{planned}: {what}", highlight=False)
 
         yield line
@@ -186,7 +190,7 @@ def _search_progress(console: Console) -> Iterator[Callable[[str, int, int], Non
         task = bar.add_task("", total=None)
 
         def show(what: str, done: int, planned: int) -> None:
-            bar.update(task, description=what, completed=done, total=planned)
+            bar.update(task, completed=done, total=planned, **({"description": what} if what else {}))
 
         yield show
 

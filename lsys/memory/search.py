@@ -10,7 +10,8 @@ matrix), so:
      host's), and ranks them (one per class of data/tensor degree and memory options: it cannot tell ring from
      Ulysses);
   2. the best few are traced at that length and at half of it: two points give the traced lines, device and
-     host, which give the traced longest sequence;
+     host, which give the traced longest sequence (these traces are independent: they run side by side in
+     child processes, one per core);
   3. the winner is traced once more at its length to confirm it fits.
 Data parallelism is bounded by train.global_batch_size (each replica needs whole sequences).
 """
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lsys.config import LsysConfig, ffn_hidden_size, validate
+from lsys.config import LsysConfig, config_from_dict, ffn_hidden_size, to_dict, validate
 from lsys.memory.analytic import analytic_estimate
 from lsys.memory.trace import trace_rank
 from parallel.config import check_model_split
@@ -33,7 +37,8 @@ MLP_CHUNK_TOKENS = 8192  # the feed-forward tile tried when the config has none 
 GIB = 1024**3
 CONFIRM_ATTEMPTS = 3
 NODE_GPUS = 8
-# What a search reports before each trace and once when done: what it traces, traces done, traces planned.
+# What a search reports as each trace starts and once when done: what it traces, traces done (started, when
+# several run at once), traces planned; "" for what: only the count moved (a trace running alongside finished).
 Progress = Callable[[str, int, int], None]
 
 
@@ -141,28 +146,54 @@ def _accepts(check: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
     return True
 
 
+def _peaks(values: dict[str, Any], world_size: int) -> tuple[int, int]:
+    """(device peak, host peak) bytes of one rank of the config `values` (a child process's job)."""
+    usage = trace_rank(config_from_dict(values), world_size)
+    return usage.peak_bytes, usage.host_peak_bytes
+
+
 class _Traces:
     """The search's traces, counted for its progress report: two per candidate and one to confirm (more when
-    the winner steps down)."""
+    the winner steps down). Several at once run in child processes, at most `workers` of them."""
 
-    def __init__(self, world_size: int, progress: Progress, planned: int):
+    def __init__(self, world_size: int, progress: Progress, planned: int, workers: int):
         self.world_size, self.progress, self.planned, self.done = world_size, progress, planned, 0
+        self.workers = workers
 
     def peak(self, cfg: LsysConfig, seq_len: int, what: str) -> tuple[int, int]:
-        """(device peak, host peak) bytes of one rank at `seq_len`."""
+        """(device peak, host peak) bytes of one rank at `seq_len`, traced in this process."""
         self.planned = max(self.planned, self.done + 1)
         self.progress(what, self.done, self.planned)
         usage = trace_rank(with_seq_len(cfg, seq_len), self.world_size)
         self.done += 1
         return usage.peak_bytes, usage.host_peak_bytes
 
+    def peaks(self, jobs: list[tuple[LsysConfig, int, str]]) -> list[tuple[int, int]]:
+        """`peak` of each (cfg, seq_len, what), side by side. Each child traces in a fresh interpreter (spawn:
+        a fake process group of its own, nothing inherited from this one's torch state)."""
+        workers = min(self.workers, len(jobs))
+        if workers <= 1:
+            return [self.peak(*job) for job in jobs]
+        for offset, (_, _, what) in enumerate(jobs):
+            self.progress(f"{what} ({workers} at a time)", self.done + offset, self.planned)
+        results: list[tuple[int, int]] = [(0, 0)] * len(jobs)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_peaks, to_dict(with_seq_len(cfg, n)), self.world_size): i
+                       for i, (cfg, n, _) in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                self.done += 1
+                self.progress("", self.done, self.planned)
+        return results
+
     def finished(self) -> None:
         self.progress("done", self.done, self.done)
 
 
 def search(cfg: LsysConfig, world_size: int, budget: Budget, vocab: int, top: int = 3,
-           progress: Progress = lambda what, done, planned: None) -> list[Candidate]:
-    """The `top` candidates with the longest traced sequence under the per-rank `budget`, best first.
+           progress: Progress = lambda what, done, planned: None, workers: int | None = None) -> list[Candidate]:
+    """The `top` candidates with the longest traced sequence under the per-rank `budget`, best first; their
+    traces run `workers` at a time (default: one per core this process may use).
     Raises ValueError when no layout fits even the shortest sequence."""
     ranked, variants = [], layouts(cfg, world_size, host=budget.host is not None)
     for variant in variants:
@@ -184,9 +215,8 @@ def search(cfg: LsysConfig, world_size: int, budget: Budget, vocab: int, top: in
         if key not in classes and len(chosen) < top:
             classes.add(key)
             chosen.append(candidate)
-    traces = _Traces(world_size, progress, 2 * len(chosen) + 1)
-    for index, candidate in enumerate(chosen):
-        _trace_line(candidate, budget, traces, f"{index + 1}/{len(chosen)}")
+    traces = _Traces(world_size, progress, 2 * len(chosen) + 1, workers or len(os.sched_getaffinity(0)))
+    _trace_lines(chosen, budget, traces)
     chosen.sort(key=lambda c: (-c.traced_seq_len, _cost(c.cfg)))
     _confirm(chosen[0], budget, traces)
     traces.finished()
@@ -211,19 +241,25 @@ def _preference(candidate: Candidate) -> tuple:
             -p.cp_ulysses)
 
 
-def _trace_line(candidate: Candidate, budget: Budget, traces: _Traces, label: str) -> None:
-    """Trace at the analytic length and half of it; the lines through both (device and host) give the traced
-    longest sequence."""
-    step = candidate.cfg.parallel.seq_granularity
-    far = max(2 * step, candidate.analytic_seq_len)
-    near = max(step, far // 2 // step * step)
-    what = f"candidate {label} ({_layout(candidate.cfg)})"
-    high = traces.peak(candidate.cfg, far, f"{what} at {far:,} tokens")
-    low = traces.peak(candidate.cfg, near, f"{what} at {near:,} tokens")
-    longest = _fitting(near, far, (low[0], high[0]), (low[1], high[1]), budget, step)
-    candidate.traced_seq_len = longest
-    candidate.traced_peak_bytes, candidate.traced_host_bytes = (
-        round(h + (h - lo) / (far - near) * (longest - far)) for lo, h in zip(low, high, strict=True))
+def _trace_lines(chosen: list[Candidate], budget: Budget, traces: _Traces) -> None:
+    """Trace each candidate at its analytic length and half of it; the lines through both (device and host)
+    give its traced longest sequence."""
+    points, jobs = [], []
+    for index, candidate in enumerate(chosen):
+        step = candidate.cfg.parallel.seq_granularity
+        far = max(2 * step, candidate.analytic_seq_len)
+        near = max(step, far // 2 // step * step)
+        points.append((far, near))
+        what = f"candidate {index + 1}/{len(chosen)} ({_layout(candidate.cfg)})"
+        jobs += [(candidate.cfg, far, f"{what} at {far:,} tokens"), (candidate.cfg, near, f"{what} at {near:,} tokens")]
+    peaks = traces.peaks(jobs)
+    for index, (candidate, (far, near)) in enumerate(zip(chosen, points, strict=True)):
+        high, low = peaks[2 * index], peaks[2 * index + 1]
+        step = candidate.cfg.parallel.seq_granularity
+        longest = _fitting(near, far, (low[0], high[0]), (low[1], high[1]), budget, step)
+        candidate.traced_seq_len = longest
+        candidate.traced_peak_bytes, candidate.traced_host_bytes = (
+            round(h + (h - lo) / (far - near) * (longest - far)) for lo, h in zip(low, high, strict=True))
 
 
 def _layout(cfg: LsysConfig) -> str:

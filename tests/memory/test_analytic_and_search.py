@@ -78,6 +78,19 @@ def _search(values: dict[str, Any], world_size: int, budget: int) -> dict[str, A
     return {"candidates": [c.describe() for c in found], "longer_peak": trace_rank(longer, world_size).peak_bytes}
 
 
+def _search_both_ways(values: dict[str, Any], world_size: int, budget: int) -> list[list[dict[str, Any]]]:
+    from lsys.memory.search import Budget, search
+
+    cfg = config_from_dict(values)
+    return [[c.describe() for c in search(cfg, world_size, Budget(budget), VOCAB, top=2, workers=workers)]
+            for workers in (1, 2)]
+
+
+def test_traces_side_by_side_find_what_one_at_a_time_finds():
+    serial, parallel = spawn(_search_both_ways, 1, (to_dict(_cfg()), 4, 48 * 1024**2), timeout_s=300)[0]
+    assert parallel == serial and serial[0]["confirmed"]
+
+
 @pytest.mark.slow
 def test_search_returns_the_longest_sequence_that_fits():
     budget = 48 * 1024**2

@@ -71,8 +71,9 @@ def test_plan_search_prints_the_candidates(tmp_path):
     (["profile", "configs/demo.yaml", "--out", "OUT", "--nproc", "2"], "world size is 2"),
     (["plan", "configs/demo.yaml", "--budget-gib", "1", "--host-budget-gib", "0"], "--host-budget-gib=0.0"),
     (["plan", "configs/demo.yaml", "--host-budget-gib", "64"], "together with --budget-gib"),
+    (["plan", "configs/demo.yaml", "--budget-gib", "1", "--jobs", "0"], "--jobs=0"),
 ], ids=["world-vs-degrees", "impossible-budget", "negative-budget", "text-without-vocab", "no-ranks", "no-steps",
-        "offload", "nproc-vs-degrees", "zero-host-budget", "host-budget-alone"])
+        "offload", "nproc-vs-degrees", "zero-host-budget", "host-budget-alone", "no-jobs"])
 def test_bad_inputs_are_refused_before_anything_runs(args, message, tmp_path):
     out = tmp_path / "out"
     result = lsys(*[str(out) if arg == "OUT" else arg for arg in args], timeout=120)
