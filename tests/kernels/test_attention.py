@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention, attention_backward, attention_forward
+from kernels.attention import reduce_kv_heads
 from tests.kernels.cases import check_block, check_split, make_inputs
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -144,3 +145,11 @@ def test_gqa_heads_not_multiple():
     q, k, v = torch.randn(1, 8, 3, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         attention(q, k, v)
+
+
+def test_grouped_gradients_are_summed_in_fp32_and_rounded_once():
+    # What the fp32 reduction of dK/dV must be, without an fp32 buffer: torch's 16-bit sum accumulates in fp32.
+    grad = torch.randn(2, 50, 8, 16, generator=torch.Generator().manual_seed(3)).bfloat16()
+    reduced = reduce_kv_heads(grad, 2)
+    assert reduced.dtype == torch.bfloat16
+    assert torch.equal(reduced, grad.float().unflatten(2, (2, 4)).sum(3).bfloat16())
