@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_for_ranks(args: argparse.Namespace) -> tuple[LsysConfig, int, bool]:
     """`lsys train` / `lsys eval`'s config, world size, and whether another launcher started this process;
     ValueError for any bad input."""
-    from lsys.config import load_config, validate_for_world
+    from lsys.config import load_config
+    from lsys.validation import validate_for_world
 
     launched_elsewhere = "WORLD_SIZE" in os.environ
     cfg = load_config(args.config, args.overrides)

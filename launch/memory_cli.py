@@ -62,7 +62,8 @@ def add_commands(sub: argparse._SubParsersAction, config_help: str) -> None:
 
 
 def _load(args: argparse.Namespace, ranks: int | None) -> tuple[Any, int]:
-    from lsys.config import load_config, validate
+    from lsys.config import load_config
+    from lsys.validation import validate
 
     cfg = load_config(args.config, args.overrides)
     world = ranks if ranks is not None else cfg.cluster.num_workers

@@ -123,8 +123,9 @@ def submit_command(args: argparse.Namespace, console: Console) -> int:
         start_cluster,
         stop_cluster,
     )
-    from lsys.config import load_config, to_dict, validate_for_cluster
+    from lsys.config import load_config, to_dict
     from lsys.packages import require
+    from lsys.validation import validate_for_cluster
 
     try:
         require("ray", "lsys submit", "submitting a job")

@@ -108,7 +108,8 @@ def warn_if_short(cfg) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from lsys.config import config_from_dict, load_config, to_dict, validate, validate_for_cluster
+    from lsys.config import config_from_dict, load_config, to_dict
+    from lsys.validation import validate, validate_for_cluster
 
     if argv:
         cfg = load_config(argv[0], argv[1:])

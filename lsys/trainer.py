@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from lsys.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from lsys.checkpoint_verify import model_shape, resume_messages, run_layout, select_checkpoint
-from lsys.config import LsysConfig, save_config, to_dict, validate_for_world
+from lsys.config import LsysConfig, save_config, to_dict
 from lsys.data import Batch, EvalTotals, Task, configured_task, model_vocabulary
 from lsys.metrics import MetricsWriter, PeakMemory, ProgressView, resident_bytes
 from lsys.model import Transformer, count_parameters
@@ -31,6 +31,7 @@ from lsys.session import Session, distributed_session
 from lsys.sharding import gather_sequence, shard_batch
 from lsys.step import StepWork, torch_dtype
 from lsys.tracking import RunTracking
+from lsys.validation import validate_for_world
 from lsys.weights import materialize
 from parallel.mesh import build_mesh
 from parallel.parallelize import parallelize

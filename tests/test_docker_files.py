@@ -249,7 +249,8 @@ def test_compose_nodes_share_a_volume_at_shared_and_workers_wait_for_a_healthy_h
 
 def test_compose_commands_exist_and_the_workers_hold_the_demo():
     from launch.ray_cluster import check_fits
-    from lsys.config import load_config, validate_for_cluster
+    from lsys.config import load_config
+    from lsys.validation import validate_for_cluster
 
     services = _compose()["services"]
     (head,) = _check_commands(services["head"]["command"])
@@ -351,7 +352,8 @@ def test_rayjob_pods_mount_a_shared_claim_at_shared():
 
 
 def test_rayjob_entrypoint_is_a_valid_job_that_fits_the_worker_pods():
-    from lsys.config import load_config, validate_for_cluster
+    from lsys.config import load_config
+    from lsys.validation import validate_for_cluster
 
     job, _ = _rayjob()
     entrypoint = job["spec"]["entrypoint"]

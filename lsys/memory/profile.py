@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from lsys.config import LsysConfig, config_from_dict, validate_for_world
+from lsys.config import LsysConfig, config_from_dict
 from lsys.memory.tracker import MemoryTracker
 from lsys.session import distributed_session
 from lsys.trainer import Trainer
+from lsys.validation import validate_for_world
 from parallel._compat import cuda_memory_history
 
 SNAPSHOT_ENTRIES = 200_000  # allocation events the CUDA memory history keeps

@@ -27,9 +27,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lsys.config import LsysConfig, config_from_dict, ffn_hidden_size, to_dict, validate
+from lsys.config import LsysConfig, config_from_dict, ffn_hidden_size, to_dict
 from lsys.memory.analytic import analytic_estimate
 from lsys.memory.trace import trace_rank
+from lsys.validation import validate
 from parallel.config import check_model_split
 
 RECOMPUTE_COST = {"none": 0, "selective": 1, "full": 2}  # extra compute, for ordering equally long candidates

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lsys.config import LsysConfig, validate
+from lsys.config import LsysConfig
 from lsys.data import Batch, task_type, task_vocabulary
 from lsys.memory.profile import full_length
 from lsys.memory.tracker import MemoryTracker, MemoryUsage
@@ -29,6 +29,7 @@ from lsys.model import Transformer
 from lsys.optim import build_optimizer
 from lsys.sharding import shard_batch
 from lsys.step import StepWork, torch_dtype
+from lsys.validation import validate
 from parallel._compat import FakeTensorMode
 from parallel.mesh import MeshInfo, build_mesh
 from parallel.parallelize import parallelize

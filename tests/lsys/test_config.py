@@ -11,9 +11,8 @@ from lsys.config import (
     load_config,
     save_config,
     to_dict,
-    validate,
-    validate_for_cluster,
 )
+from lsys.validation import validate, validate_for_cluster
 from tests.hf.checkpoints import write_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
