@@ -82,10 +82,19 @@ def grid_from_args(args: argparse.Namespace, cfg: LsysConfig) -> dict[str, Any]:
 def _check_tasks(cfg: LsysConfig, grid: Any, default_lengths: bool, default_pairs: bool) -> None:
     """Build each needle and recall task the grid asks for, where that is cheap (a synthetic task), so a length
     too short for the needle is refused here, not on a rank; default lengths and pairs keep those that fit."""
-    from lsys.data import configured_task, task_type
+    from lsys.data import configured_task, task_options, task_type
 
-    if task_type(cfg.data.task).reads_dataset:
-        return  # reading the dataset takes the ranks' time: a too-short needle length is reported there
+    kind = task_type(cfg.data.task)
+    if kind.reads_dataset:  # building the task reads the dataset (the ranks' time): its tokenizer says enough
+        fixed = kind.needle_tokens(task_options(cfg))
+        if default_lengths:
+            grid.lengths = [n for n in grid.lengths if n > fixed]
+        too_short = [n for n in grid.lengths if n <= fixed]
+        if too_short or not grid.lengths:
+            raise ValueError(f"--lengths: {', '.join(map(str, too_short)) or 'the defaults'}: the needle sentence, "
+                             f"question and answer take up to {fixed} tokens of this dataset's tokenizer; evaluate "
+                             f"lengths above {fixed}")
+        return
     task = configured_task(cfg)
     if default_lengths:
         grid.lengths = [n for n in grid.lengths if _fits(lambda n=n: task.needle_task(n, 0.0))]

@@ -11,7 +11,7 @@ tokenizer would merge across the pieces' boundaries.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,15 @@ PREFIX = " The pass key is"
 ANSWER = " {key}."
 REMEMBER = " Remember it."
 QUESTION = " What is the pass key?"
+KEYS = (10_000, 100_000)  # five-digit keys, drawn from [low, high)
+
+
+def needle_tokens(tokenizer: Any) -> int:
+    """The most tokens a sample's fixed parts take in `tokenizer`, over every key: the needle sentence, the
+    question and the answer. A needle length must exceed it (the haystack needs a token)."""
+    prefix, remember, question = (len(ids) for ids in tokenizer.encode_batch([PREFIX, REMEMBER, QUESTION]))
+    answer = max(len(ids) for ids in tokenizer.encode_batch([ANSWER.format(key=k) for k in range(*KEYS)]))
+    return 2 * prefix + remember + question + 2 * answer
 
 
 class TextNeedleTask(Task):
@@ -50,7 +59,7 @@ class TextNeedleTask(Task):
     def sample(self, index: int, split: str = "valid") -> dict[str, torch.Tensor]:
         self.check_index(index, split)
         gen = sample_generator(self.seed, split, index)
-        key = int(torch.randint(10_000, 100_000, (1,), generator=gen))
+        key = int(torch.randint(*KEYS, (1,), generator=gen))
         needle, question, answer = self.pieces(key)
         room = self.seq_len - len(needle) - len(question) - len(answer)
         if room < 1:

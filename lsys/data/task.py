@@ -252,6 +252,12 @@ class Task(ABC):
             self._shorter[length].set_documents(*self._documents)
         return self._shorter[length].batch(indices, split)
 
+    @classmethod
+    def needle_tokens(cls, options: Mapping[str, Any]) -> int:
+        """For a task that reads a dataset (so `lsys eval` does not build it to try): the most tokens a needle
+        sample's fixed parts take, from the task options alone; a needle length must exceed it. 0: not known."""
+        return 0
+
     def needle_task(self, length: int, depth: float) -> Task | None:
         """Needle in a haystack for `lsys eval`: a task of `length`-token samples, each one document hiding one
         needle after `depth` (0..1) of its filler, scored by `passkey_accuracy`; None for a task without one."""

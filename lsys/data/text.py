@@ -23,6 +23,7 @@ import torch
 
 from lsys.data._megatron import import_megatron_datasets
 from lsys.data.needle import TextNeedleTask
+from lsys.data.needle import needle_tokens as fixed_needle_tokens
 from lsys.data.task import SPLITS, Batch, Task, check_int, option_error, take_options
 from lsys.data.tokenizer import ByteTokenizer, HFTokenizer
 from lsys.data.verify import check_cache_dir, check_text_dataset, check_text_inputs, default_cache_dir
@@ -60,6 +61,11 @@ class _MegatronTokenizer:
             "pad": self.pad,
             "data_sha256": [m["files"]["bin"]["sha256"] for m in metadata],
         }
+
+
+def _tokenizer(path: str | None, eod_id: int) -> ByteTokenizer | HFTokenizer:
+    # None: the byte-level tokenizer (lsys prepare-data's default)
+    return ByteTokenizer() if path is None else HFTokenizer(path, eod_id=eod_id)
 
 
 class TextTask(Task):
@@ -140,9 +146,14 @@ class TextTask(Task):
 
     def tokenizer(self) -> ByteTokenizer | HFTokenizer:
         """The tokenizer the dataset was prepared with (its metadata names it), ending documents as it did."""
-        if self._tokenizer_path is None:
-            return ByteTokenizer()
-        return HFTokenizer(self._tokenizer_path, eod_id=self.eod_id)
+        return _tokenizer(self._tokenizer_path, self.eod_id)
+
+    @classmethod
+    def needle_tokens(cls, options: Mapping[str, Any]) -> int:
+        """From the first dataset's metadata and its tokenizer (no index built); see Task.needle_tokens."""
+        opts = take_options("text", options, DEFAULTS)
+        metadata = check_text_inputs(opts["path"], opts["cache_dir"] or None)[0]
+        return fixed_needle_tokens(_tokenizer(metadata["tokenizer_path"], metadata["eod_id"]))
 
     def needle_task(self, length: int, depth: float) -> TextNeedleTask:
         """A needle sentence in this dataset's held-out text (lsys.data.needle), at any length."""

@@ -89,6 +89,19 @@ def text_run(tmp_path_factory):
     return run
 
 
+def test_a_text_needle_longer_than_the_length_is_refused_before_any_rank(text_run, tmp_path):
+    # The byte tokenizer: " The pass key is" twice, " Remember it.", the question, " NNNNN." twice: 81 tokens.
+    task = build_task("text", 64, 0, path=str(text_run.parent / "corpus"))
+    assert type(task).needle_tokens({"path": str(text_run.parent / "corpus")}) == 81
+    assert task.needle_task(82, 0.5).sample(0)["tokens"].shape == (82,)
+    with pytest.raises(ValueError, match="take 81 tokens"):
+        task.needle_task(81, 0.5).sample(0)
+    result = lsys("eval", str(text_run), "--out", str(tmp_path / "out"), "--lengths", "64,80,128")
+    assert result.returncode == 2
+    assert "--lengths: 64, 80: the needle sentence, question and answer take up to 81 tokens" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_text_needle_and_position_loss_add_up_to_the_held_out_loss(text_run, tmp_path):
     out = tmp_path / "out"
