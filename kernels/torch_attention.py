@@ -1,7 +1,8 @@
 """torch's fused attention ops as block kernels: forward returns (out, lse), backward takes a global out and lse.
 
 These are private aten ops (the ones `F.scaled_dot_product_attention` dispatches to), fenced in this module;
-tested with torch 2.11 (CUDA) and 2.13 (CPU, and the CUDA ops' meta kernels). torch's own ring attention
+tested with torch 2.13: the CPU op's numerics, and the CUDA ops' calls against their meta kernels (their numerics
+are bench/gpu_check.py's to check on a GPU). torch's own ring attention
 (torch.distributed.tensor.experimental) calls them the same way. Every kernel here takes q, k, v as
 [B, S, H, D] with equal head counts (kernels.attention expands grouped K/V first) and hands the ops
 [B, H, S, D] views, as SDPA does.
@@ -33,31 +34,27 @@ HALF = frozenset({torch.float16, torch.bfloat16})
 EFFICIENT_LSE_ROWS = 32  # the memory-efficient op pads its lse to a multiple of this many query rows
 
 
-def _heads_first(*tensors: Tensor) -> list[Tensor]:
-    # [B, S, H, D] -> [B, H, S, D] views: unit stride along D, as the fused ops need.
-    return [t.transpose(1, 2) for t in tensors]
-
-
-def _seq_first(*tensors: Tensor) -> tuple[Tensor, ...]:
+def _swap(*tensors: Tensor) -> tuple[Tensor, ...]:
+    # [B, S, H, D] <-> [B, H, S, D] views, both ways: unit stride along D stays, as the fused ops need.
     return tuple(t.transpose(1, 2) for t in tensors)
 
 
 # --- aten: CPU ---------------------------------------------------------------------------------------------------
 
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
-    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, causal, scale=scale)
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(*_swap(q, k, v), 0.0, causal, scale=scale)
     return out.transpose(1, 2), lse
 
 
 def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
-    return _seq_first(*aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *_heads_first(dout, q, k, v, out), lse, 0.0, causal, scale=scale))
+    return _swap(*aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *_swap(dout, q, k, v, out), lse, 0.0, causal, scale=scale))
 
 
 # --- flash: CUDA, 16-bit ------------------------------------------------------------------------------------------
 
 def _flash_forward(q, k, v, causal, scale):
-    out, lse, *_ = aten._scaled_dot_product_flash_attention(*_heads_first(q, k, v), 0.0, causal, False, scale=scale)
+    out, lse, *_ = aten._scaled_dot_product_flash_attention(*_swap(q, k, v), 0.0, causal, False, scale=scale)
     return out.transpose(1, 2), lse
 
 
@@ -65,15 +62,15 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale):
     # No cumulative sequence lengths (not varlen); the random state (rng_state [2], unused []) only feeds dropout.
     seed = torch.empty(2, dtype=torch.uint64, device=q.device)
     offset = torch.empty((), dtype=torch.uint64, device=q.device)
-    return _seq_first(*aten._scaled_dot_product_flash_attention_backward(
-        *_heads_first(dout, q, k, v, out), lse.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, causal,
+    return _swap(*aten._scaled_dot_product_flash_attention_backward(
+        *_swap(dout, q, k, v, out), lse.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, causal,
         seed, offset, scale=scale))
 
 
 # --- efficient: CUDA, any of fp16/bf16/fp32 -----------------------------------------------------------------------
 
 def _efficient_forward(q, k, v, causal, scale):
-    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(*_heads_first(q, k, v), None, True, 0.0, causal,
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(*_swap(q, k, v), None, True, 0.0, causal,
                                                                  scale=scale)
     return out.transpose(1, 2), lse.narrow(2, 0, q.shape[1])
 
@@ -84,15 +81,15 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
     padded = F.pad(lse, (0, math.ceil(rows / EFFICIENT_LSE_ROWS) * EFFICIENT_LSE_ROWS - rows))
     seed = offset = torch.empty((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        *_heads_first(dout, q, k, v), None, out.transpose(1, 2), padded, seed, offset, 0.0,
+        *_swap(dout, q, k, v), None, out.transpose(1, 2), padded, seed, offset, 0.0,
         [True, True, True, False], causal, scale=scale)
-    return _seq_first(dq, dk, dv)
+    return _swap(dq, dk, dv)
 
 
 # --- cudnn: CUDA, 16-bit ------------------------------------------------------------------------------------------
 
 def _cudnn_forward(q, k, v, causal, scale):
-    out, lse, *_ = aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, True, 0.0, causal, False,
+    out, lse, *_ = aten._scaled_dot_product_cudnn_attention(*_swap(q, k, v), None, True, 0.0, causal, False,
                                                            scale=scale)
     return out.transpose(1, 2), lse.view(lse.shape[:3])  # [B, H, Sq, 1] -> [B, H, Sq]
 
@@ -100,9 +97,9 @@ def _cudnn_forward(q, k, v, causal, scale):
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     seed = offset = torch.empty((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-        *_heads_first(dout, q, k, v, out), lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,
+        *_swap(dout, q, k, v, out), lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,
         q.shape[1], k.shape[1], 0.0, causal, scale=scale)
-    return _seq_first(dq, dk, dv)
+    return _swap(dq, dk, dv)
 
 
 @functools.cache
@@ -114,7 +111,6 @@ def _capability(device: torch.device) -> tuple[int, int]:
 class TorchKernel:
     """One fused op pair and what it accepts."""
 
-    name: str
     cuda: bool
     dtypes: frozenset
     max_head_dim: int
@@ -143,9 +139,9 @@ class TorchKernel:
 
 ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 TORCH_KERNELS = {
-    "aten": TorchKernel("aten", False, ALL_FLOATS, 1 << 30, False, _cpu_forward, _cpu_backward),
-    "flash": TorchKernel("flash", True, HALF, 256, True, _flash_forward, _flash_backward, (8, 0)),
-    "efficient": TorchKernel("efficient", True, HALF | {torch.float32}, 1 << 30, False, _efficient_forward,
+    "aten": TorchKernel(False, ALL_FLOATS, 1 << 30, False, _cpu_forward, _cpu_backward),
+    "flash": TorchKernel(True, HALF, 256, True, _flash_forward, _flash_backward, (8, 0)),
+    "efficient": TorchKernel(True, HALF | {torch.float32}, 1 << 30, False, _efficient_forward,
                              _efficient_backward, (5, 0)),
-    "cudnn": TorchKernel("cudnn", True, HALF, 128, True, _cudnn_forward, _cudnn_backward, (8, 0)),
+    "cudnn": TorchKernel(True, HALF, 128, True, _cudnn_forward, _cudnn_backward, (8, 0)),
 }
