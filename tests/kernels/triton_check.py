@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -99,12 +100,17 @@ def check_edges(device: str, blocks: tuple[int | None, int | None]) -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
     q, k, v, _ = (t.to(device) for t in make_inputs(1, 8, 8, 2, 16, torch.float32))
-    for bad_call, message in (
+    _expect_value_errors(
         (lambda: forward(q.double(), k.double(), v.double(), causal=True), "float64"),
         (lambda: forward(q, k.half(), v, causal=True), "one dtype"),
         (lambda: forward(*(torch.zeros(1, 8, 2, 160, device=device) for _ in range(3)), causal=True), "head_dim"),
         (lambda: triton_attention_forward(q, k, v, causal=True, block_m=24), "block_m=24"),
-    ):
+    )
+
+
+def _expect_value_errors(*cases: tuple[Callable[[], object], str]) -> None:
+    """Each (call, message): the call raises a ValueError whose text holds the message."""
+    for bad_call, message in cases:
         try:
             bad_call()
         except ValueError as err:
@@ -113,14 +119,22 @@ def check_edges(device: str, blocks: tuple[int | None, int | None]) -> None:
             raise AssertionError(f"no ValueError mentioning {message!r}")
 
 
+def _packed_ids() -> torch.Tensor:
+    # Sorted ids (tiles of foreign documents skipped): one-token documents, boundaries inside and on tile edges,
+    # a row that is one document. [2, 40]
+    return document_ids([1, 15, 1, 7, 16], [40])
+
+
+def _disjoint_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    # Partly disjoint ids: q's documents 0 and 3 have no key anywhere (out 0, lse -inf). [2, 40] each
+    return document_ids([4, 16, 20], [8, 8, 16, 8]), document_ids([0, 20, 20], [0, 8, 8, 0, 24])
+
+
 def check_documents(device: str, blocks: tuple[int | None, int | None]) -> None:
     forward, backward = _kernels(*blocks)
-    # Sorted ids (tiles of foreign documents skipped): one-token documents, boundaries inside and on tile
-    # edges, a row that is one document. Unsorted ids: masked pairs only, no skipping.
-    packed = document_ids([1, 15, 1, 7, 16], [40])
+    packed, (q_disjoint, k_disjoint) = _packed_ids(), _disjoint_ids()
+    # Unsorted ids: masked pairs only, no skipping.
     unsorted = torch.tensor([[0, 1, 0, 2, 2, 1, 0, 3] * 5] * 2)
-    # Partly disjoint ids: q's documents 0 and 3 have no key anywhere (out 0, lse -inf).
-    q_disjoint, k_disjoint = document_ids([4, 16, 20], [8, 8, 16, 8]), document_ids([0, 20, 20], [0, 8, 8, 0, 24])
     cases = [(packed, packed, True, 40, 40), (packed, packed, False, 40, 40), (packed, packed, True, 24, 40),
              (unsorted, unsorted, True, 40, 40), (q_disjoint, k_disjoint, False, 40, 40)]
     # The masking logic does not depend on the dtype: bf16 only on the first case (the interpreter is slow).
@@ -160,8 +174,7 @@ def check_gqa(device: str, blocks: tuple[int | None, int | None]) -> None:
         check_gqa_block(forward, backward, *inputs, causal=causal)
     # Document ids are per batch row and shared by every head: sorted ids (tile skipping) and partly disjoint
     # ones (rows with no key: out 0, lse -inf).
-    packed = document_ids([1, 15, 1, 7, 16], [40])
-    q_disjoint, k_disjoint = document_ids([4, 16, 20], [8, 8, 16, 8]), document_ids([0, 20, 20], [0, 8, 8, 0, 24])
+    packed, (q_disjoint, k_disjoint) = _packed_ids(), _disjoint_ids()
     for kv_heads, causal, q_docs, k_docs in ((2, True, packed, packed), (1, False, q_disjoint, k_disjoint)):
         inputs = _gqa_inputs(device, 2, 40, 40, 4, kv_heads, torch.float32, seed=20)
         check_gqa_block(forward, backward, *inputs, causal=causal, q_docs=q_docs.to(device),
@@ -172,17 +185,11 @@ def check_gqa(device: str, blocks: tuple[int | None, int | None]) -> None:
                     dout.to(device), causal=True)
 
     q, k, v, dout = _gqa_inputs(device, 1, 8, 8, 4, 2, torch.float32, seed=0)
-    for bad_call, message in (
+    _expect_value_errors(
         (lambda: forward(q[:, :, :3], k, v, causal=True), "Hq=3, Hkv=2"),
         (lambda: forward(q, k, v[:, :, :1], causal=True), "k, v [B, Sk, Hkv, D]"),
         (lambda: backward(dout, q, k, v, q, torch.zeros(1, 2, 8), causal=True), "lse [B, Hq, Sq]"),
-    ):
-        try:
-            bad_call()
-        except ValueError as err:
-            assert message in str(err), f"expected {message!r} in: {err}"
-        else:
-            raise AssertionError(f"no ValueError mentioning {message!r}")
+    )
 
 
 GROUPS = {"block": check_blocks, "split": check_splits, "edge": check_edges, "docs": check_documents,
