@@ -65,6 +65,16 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _checked(device: str, ref: dict, dtype: torch.dtype, run, *args) -> dict:
+    """run(*args) against the float64 reference `ref`: its errors and verdict (gk.compare), or the error it
+    raised; and the time it took."""
+    start = time.perf_counter()
+    got, error = _attempt(run, *args)
+    _synchronize(device)
+    result = gk.compare(got, ref, dtype) if got else {"ok": False, "error": error}
+    return {"time_s": time.perf_counter() - start, **result}
+
+
 def parity(device: str, shape: dict) -> list[dict]:
     rows = []
     heads, kv_heads = shape["heads"]
@@ -75,17 +85,11 @@ def parity(device: str, shape: dict) -> list[dict]:
                 ref = gk.reference(x, causal)
                 for backend in BACKENDS:
                     for dtype_name, dtype in DTYPES.items():
-                        row = {"backend": backend, "dtype": dtype_name, "seq": seq, "head_dim": head_dim,
-                               "heads": f"{heads}/{kv_heads}", "causal": causal}
-                        skip = gk.runnable(backend, x, dtype, causal)
-                        if skip is not None:
+                        if gk.runnable(backend, x, dtype, causal) is not None:
                             continue  # not this backend's inputs (the table lists what ran)
-                        start = time.perf_counter()
-                        got, error = _attempt(gk.block_call, backend, x, dtype, causal)
-                        _synchronize(device)
-                        row["time_s"] = time.perf_counter() - start
-                        row.update(gk.compare(got, ref, dtype) if got else {"ok": False, "error": error})
-                        rows.append(row)
+                        rows.append({"backend": backend, "dtype": dtype_name, "seq": seq, "head_dim": head_dim,
+                                     "heads": f"{heads}/{kv_heads}", "causal": causal,
+                                     **_checked(device, ref, dtype, gk.block_call, backend, x, dtype, causal)})
                 del ref
     return rows
 
@@ -99,11 +103,9 @@ def ring(device: str, shape: dict) -> list[dict]:
         for dtype_name, dtype in DTYPES.items():
             if gk.runnable(backend, x, dtype, True) is not None:
                 continue
-            row = {"backend": backend, "dtype": dtype_name, "seq": shape["seq"], "head_dim": shape["head_dim"],
-                   "heads": f"{heads}/{kv_heads}", "ring": shape["ring"], "causal": True}
-            got, error = _attempt(gk.ring_emulation, backend, x, dtype, shape["ring"])
-            row.update(gk.compare(got, ref, dtype) if got else {"ok": False, "error": error})
-            rows.append(row)
+            rows.append({"backend": backend, "dtype": dtype_name, "seq": shape["seq"], "head_dim": shape["head_dim"],
+                         "heads": f"{heads}/{kv_heads}", "ring": shape["ring"], "causal": True,
+                         **_checked(device, ref, dtype, gk.ring_emulation, backend, x, dtype, shape["ring"])})
     return rows
 
 
