@@ -165,9 +165,9 @@ class _Traces:
         """(device peak, host peak) bytes of one rank at `seq_len`, traced in this process."""
         self.planned = max(self.planned, self.done + 1)
         self.progress(what, self.done, self.planned)
-        usage = trace_rank(with_seq_len(cfg, seq_len), self.world_size)
+        peaks = _peaks(to_dict(with_seq_len(cfg, seq_len)), self.world_size)
         self.done += 1
-        return usage.peak_bytes, usage.host_peak_bytes
+        return peaks
 
     def peaks(self, jobs: list[tuple[LsysConfig, int, str]]) -> list[tuple[int, int]]:
         """`peak` of each (cfg, seq_len, what), side by side. Each child traces in a fresh interpreter (spawn:
