@@ -8,8 +8,6 @@ every dtype under test: the inputs each kernel sees are exactly the reference's.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.attention_kernels import attention_flops as forward_flops
+from bench.attention_kernels import time_cpu
 from kernels import (
     attention_backward,
     attention_forward,
@@ -168,18 +167,12 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: boo
 
 
 def median_ms(fn: Callable[[], object], device: str) -> float:
-    """Median time of fn in milliseconds: triton.testing.do_bench on CUDA, a few timed calls on CPU."""
+    """Median time of fn in milliseconds: triton.testing.do_bench on CUDA, a few wall-clock calls on CPU."""
     if device == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return time_cpu(fn, warmup=1, iters=3)
 
 
 def kernel_runs(backend: str, q: Tensor, k: Tensor, v: Tensor, dout: Tensor) -> tuple[Callable, Callable]:
